@@ -1,0 +1,292 @@
+"""Frozen, validated configuration loaded from YAML with `key=value` overrides.
+
+A config file has sections (`model:`, `mesh:`) and may name a `base:` file whose sections it
+overrides key by key; family and shape presets live in `configs/` and are composed that way.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+import yaml
+
+from dhara_jax.errors import ConfigError
+
+CONFIG_ROOT = Path(__file__).resolve().parent.parent / "configs"
+
+FAMILIES = ("gpt2", "llama3", "qwen3", "gemma3", "moe", "lfm2")
+LAYER_KINDS = {"A": "global attention", "L": "sliding-window attention", "C": "short conv"}
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """Every switch of the one decoder; a family is a preset of these values."""
+
+  family: str = "llama3"
+  vocab_size: int = 50304
+  d_model: int = 384
+  num_layers: int = 32
+  num_heads: int = 8
+  num_kv_heads: int = 4
+  head_dim: int = 0  # 0: d_model // num_heads
+  mlp_dim: int = 1024
+  max_seq_len: int = 1024
+  # Normalisation.
+  norm: str = "rmsnorm"  # layernorm | rmsnorm
+  norm_eps: float = 1e-6
+  norm_unit_offset: bool = False  # Gemma: scale stored as w, applied as (1 + w)
+  sandwich_norm: bool = False  # extra norm on each sub-layer output (Gemma)
+  # Positions.
+  position: str = "rope"  # rope | learned
+  rope_theta: float = 10_000.0
+  rope_local_theta: float = 0.0  # theta of sliding-window layers; 0: rope_theta
+  # Attention.
+  qk_norm: bool = False
+  query_scale_dim: int = 0  # scores scaled by 1/sqrt(this); 0: head_dim (Gemma's query_pre_attn_scalar)
+  attention: str = "causal"  # causal | bidirectional
+  layer_pattern: str = "A"  # cycled over layers: A global attn, L sliding-window attn, C short conv
+  sliding_window: int = 0
+  conv_kernel: int = 3  # LFM2 short-conv length
+  # MLP.
+  mlp: str = "swiglu"  # gelu | swiglu | geglu
+  use_bias: bool = False  # bias on every projection (GPT-2)
+  num_experts: int = 0  # 0: dense MLP
+  experts_per_token: int = 2
+  moe_mlp_dim: int = 0
+  moe_norm_topk: bool = True
+  moe_aux_loss_weight: float = 0.01
+  # Embeddings and output.
+  tie_embeddings: bool = True
+  embed_scale: bool = False  # multiply token embeddings by sqrt(d_model) (Gemma)
+  final_logit_softcap: float = 0.0  # 0: off
+  init_std: float = 0.02
+  dtype: str = "float32"  # activation/compute dtype; parameters stay float32
+
+  def __post_init__(self) -> None:
+    _validate_model(self)
+
+  @property
+  def resolved_head_dim(self) -> int:
+    return self.head_dim or self.d_model // self.num_heads
+
+  @property
+  def layer_kinds(self) -> tuple[str, ...]:
+    """One letter of `layer_pattern` per layer, the pattern repeated cyclically."""
+    pattern = self.layer_pattern
+    return tuple(pattern[i % len(pattern)] for i in range(self.num_layers))
+
+  @property
+  def local_rope_theta(self) -> float:
+    return self.rope_local_theta or self.rope_theta
+
+
+def compact_pattern(kinds: str) -> str:
+  """The shortest `layer_pattern` whose cyclic repetition gives these per-layer kinds."""
+  for period in range(1, len(kinds) + 1):
+    if all(kinds[i] == kinds[i % period] for i in range(len(kinds))):
+      return kinds[:period]
+  return kinds
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+  """Device mesh shape; -1 on one axis takes every remaining device."""
+
+  data: int = -1
+  fsdp: int = 1
+  tensor: int = 1
+
+  def __post_init__(self) -> None:
+    sizes = {"data": self.data, "fsdp": self.fsdp, "tensor": self.tensor}
+    for name, size in sizes.items():
+      if size == 0 or size < -1:
+        raise ConfigError(f"mesh.{name}: must be a positive size or -1, got {size}")
+    if sum(size == -1 for size in sizes.values()) > 1:
+      raise ConfigError("mesh: at most one axis may be -1")
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+  model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+  mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
+
+
+_CHOICES = {
+    "family": FAMILIES,
+    "norm": ("layernorm", "rmsnorm"),
+    "position": ("rope", "learned"),
+    "attention": ("causal", "bidirectional"),
+    "mlp": ("gelu", "swiglu", "geglu"),
+    "dtype": ("float32", "bfloat16"),
+}
+
+
+def _validate_model(c: ModelConfig) -> None:
+  def fail(field: str, why: str) -> typing.NoReturn:
+    raise ConfigError(f"model.{field}: {why}")
+
+  for field, choices in _CHOICES.items():
+    value = getattr(c, field)
+    if value not in choices:
+      fail(field, f"{value!r} is not one of {', '.join(choices)}")
+  for field in ("vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads", "mlp_dim",
+                "max_seq_len", "conv_kernel", "experts_per_token"):
+    if getattr(c, field) <= 0:
+      fail(field, f"must be positive, got {getattr(c, field)}")
+  for field in ("head_dim", "num_experts", "moe_mlp_dim", "sliding_window", "query_scale_dim"):
+    if getattr(c, field) < 0:
+      fail(field, f"must be >= 0, got {getattr(c, field)}")
+  for field in ("norm_eps", "init_std"):
+    if not getattr(c, field) > 0:
+      fail(field, f"must be positive, got {getattr(c, field)}")
+  for field in ("rope_theta", "rope_local_theta", "final_logit_softcap",
+                "moe_aux_loss_weight"):
+    value = getattr(c, field)
+    if not (math.isfinite(value) and value >= 0):
+      fail(field, f"must be a finite number >= 0, got {value}")
+  if c.rope_theta <= 0 and c.position == "rope":
+    fail("rope_theta", "must be positive with position: rope")
+  if c.head_dim == 0 and c.d_model % c.num_heads:
+    fail("num_heads", f"{c.num_heads} heads do not divide d_model={c.d_model} (or set head_dim)")
+  if c.num_heads % c.num_kv_heads:
+    fail("num_kv_heads", f"{c.num_kv_heads} KV heads do not divide num_heads={c.num_heads}")
+  if c.position == "rope" and c.resolved_head_dim % 2:
+    fail("head_dim", f"RoPE needs an even head_dim, got {c.resolved_head_dim}")
+  if not c.layer_pattern or set(c.layer_pattern) - set(LAYER_KINDS):
+    fail("layer_pattern", f"{c.layer_pattern!r} must be letters from "
+         + ", ".join(f"{k} ({v})" for k, v in LAYER_KINDS.items()))
+  if "L" in c.layer_pattern and c.sliding_window <= 0:
+    fail("sliding_window", "must be positive when layer_pattern has sliding-window layers (L)")
+  if "A" not in c.layer_pattern and "L" not in c.layer_pattern:
+    fail("layer_pattern", "needs at least one attention layer (A or L)")
+  if c.norm_unit_offset and c.norm != "rmsnorm":
+    fail("norm_unit_offset", "only applies to norm: rmsnorm")
+  if c.num_experts:
+    if c.experts_per_token > c.num_experts:
+      fail("experts_per_token", f"{c.experts_per_token} exceeds num_experts={c.num_experts}")
+    if c.moe_mlp_dim <= 0:
+      fail("moe_mlp_dim", "must be positive when num_experts > 0")
+    if c.mlp == "gelu":
+      fail("mlp", "MoE experts are gated (swiglu or geglu)")
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading.
+
+def _field_type(cls: type, name: str) -> Any:
+  return typing.get_type_hints(cls)[name]
+
+
+def _coerce(value: Any, typ: Any, where: str) -> Any:
+  """Checks a YAML value against a dataclass field type; ints are accepted for floats."""
+  if typing.get_origin(typ) in (typing.Union, types.UnionType):
+    typ = next(t for t in typing.get_args(typ) if t is not type(None))
+  if typ is bool:
+    if isinstance(value, bool):
+      return value
+  elif typ is int:
+    if isinstance(value, int) and not isinstance(value, bool):
+      return value
+  elif typ is float:
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+      return float(value)
+  elif typ is str:
+    if isinstance(value, str):
+      return value
+  else:  # pragma: no cover - only the types above are used in configs
+    return value
+  raise ConfigError(f"{where}: expected {typ.__name__}, got {value!r}")
+
+
+def _build(cls: type, raw: Mapping[str, Any], section: str) -> Any:
+  if not isinstance(raw, Mapping):
+    raise ConfigError(f"{section}: expected a mapping, got {raw!r}")
+  known = {f.name for f in dataclasses.fields(cls)}
+  unknown = sorted(set(raw) - known)
+  if unknown:
+    raise ConfigError(f"{section}.{unknown[0]}: unknown field")
+  kwargs = {k: _coerce(v, _field_type(cls, k), f"{section}.{k}") for k, v in raw.items()}
+  return cls(**kwargs)
+
+
+_SECTIONS = {"model": ModelConfig, "mesh": MeshConfig}
+
+
+def _merge(base: dict, override: Mapping) -> dict:
+  out = dict(base)
+  for key, value in override.items():
+    if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+      out[key] = _merge(out[key], value)
+    else:
+      out[key] = value
+  return out
+
+
+def resolve_path(spec: str | Path) -> Path:
+  """A config path, or a preset name such as `llama3` / `families/llama3` / `shapes/gpt2_32l`."""
+  path = Path(spec)
+  if path.exists():
+    return path
+  for candidate in (CONFIG_ROOT / f"{spec}.yaml", CONFIG_ROOT / "families" / f"{spec}.yaml",
+                    CONFIG_ROOT / "shapes" / f"{spec}.yaml", CONFIG_ROOT / str(spec)):
+    if candidate.is_file():
+      return candidate
+  raise ConfigError(f"config: no such file or preset: {spec}")
+
+
+def load_raw(spec: str | Path, _seen: tuple[Path, ...] = ()) -> dict:
+  """The merged mapping of a config file and its chain of `base:` files."""
+  path = resolve_path(spec).resolve()
+  if path in _seen:
+    raise ConfigError(f"config: base cycle through {path}")
+  try:
+    raw = yaml.safe_load(path.read_text())
+  except yaml.YAMLError as e:
+    raise ConfigError(f"config: {path} is not valid YAML ({str(e).splitlines()[0]})") from None
+  raw = {} if raw is None else raw
+  if not isinstance(raw, Mapping):
+    raise ConfigError(f"config: {path} must hold a mapping of sections")
+  raw = dict(raw)
+  base = raw.pop("base", None)
+  if base is not None:
+    base_path = (path.parent / base) if (path.parent / base).exists() else base
+    raw = _merge(load_raw(base_path, _seen + (path,)), raw)
+  return raw
+
+
+def apply_overrides(raw: dict, overrides: Iterable[str]) -> dict:
+  """Applies `section.key=value` strings; values are parsed as YAML scalars."""
+  raw = dict(raw)
+  for item in overrides:
+    key, sep, text = item.partition("=")
+    parts = key.strip().split(".")
+    if not sep or len(parts) != 2 or not all(parts):
+      raise ConfigError(f"override {item!r}: expected section.key=value, e.g. model.d_model=512")
+    section, field = parts
+    try:
+      value = yaml.safe_load(text)
+    except yaml.YAMLError:
+      value = text
+    raw[section] = {**raw.get(section, {}), field: value}
+  return raw
+
+
+def from_dict(raw: Mapping[str, Any]) -> Config:
+  unknown = sorted(set(raw) - set(_SECTIONS))
+  if unknown:
+    raise ConfigError(f"{unknown[0]}: unknown config section (known: {', '.join(_SECTIONS)})")
+  sections = {name: _build(cls, raw.get(name) or {}, name) for name, cls in _SECTIONS.items()}
+  return Config(**sections)
+
+
+def load(spec: str | Path, overrides: Iterable[str] = ()) -> Config:
+  return from_dict(apply_overrides(load_raw(spec), overrides))
+
+
+def to_dict(config: Config) -> dict:
+  return dataclasses.asdict(config)

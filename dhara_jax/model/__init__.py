@@ -1,0 +1,47 @@
+"""Pure-functional entry points: params are a plain pytree, forward has no hidden state."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from dhara_jax.config import ModelConfig
+from dhara_jax.model.transformer import Transformer
+
+Params = dict[str, Any]
+
+
+def _dummy_tokens(cfg: ModelConfig) -> jax.Array:
+  return jnp.zeros((1, min(cfg.max_seq_len, 8)), jnp.int32)
+
+
+def init_params(cfg: ModelConfig, rng: jax.Array) -> Params:
+  """Random parameters (float32), unboxed to a plain nested dict."""
+  boxed = Transformer(cfg).init(rng, _dummy_tokens(cfg))["params"]
+  return nn.meta.unbox(boxed)
+
+
+def logical_axes(cfg: ModelConfig) -> Params:
+  """The logical axis names (a PartitionSpec of names) of every parameter, without allocating."""
+  boxed = jax.eval_shape(lambda: Transformer(cfg).init(jax.random.key(0), _dummy_tokens(cfg)))
+  return nn.get_partition_spec(boxed)["params"]
+
+
+def param_shapes(cfg: ModelConfig) -> Params:
+  boxed = jax.eval_shape(lambda: Transformer(cfg).init(jax.random.key(0), _dummy_tokens(cfg)))
+  return nn.meta.unbox(boxed)["params"]
+
+
+def forward(cfg: ModelConfig, params: Params, tokens_BxL: jax.Array,
+            segment_ids_BxL: jax.Array | None = None,
+            positions_BxL: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+  """Returns (logits B×L×V float32, auxiliary loss: the MoE load-balancing loss summed over layers,
+  already multiplied by `moe_aux_loss_weight`; 0 for dense models)."""
+  logits_BxLxV, state = Transformer(cfg).apply({"params": params}, tokens_BxL, segment_ids_BxL,
+                                               positions_BxL, mutable=["intermediates"])
+  aux_losses = jax.tree.leaves(state.get("intermediates", {}))
+  aux = sum(aux_losses, jnp.zeros((), jnp.float32)) * cfg.moe_aux_loss_weight
+  return logits_BxLxV, aux

@@ -1,0 +1,64 @@
+"""Multi-head / grouped-query attention with optional QK-norm, RoPE and a boolean mask."""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from dhara_jax.config import ModelConfig
+from dhara_jax.model.layers import Dense, Norm, apply_rope
+
+
+class Attention(nn.Module):
+  cfg: ModelConfig
+  rope_theta: float
+  out_std: float
+
+  @nn.compact
+  def __call__(self, x_BxLxD: jax.Array, positions_BxL: jax.Array,
+               mask_Bx1xLxL: jax.Array) -> jax.Array:
+    cfg = self.cfg
+    dtype = jnp.dtype(cfg.dtype)
+    heads, kv_heads, head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.resolved_head_dim
+    batch, length, d_model = x_BxLxD.shape
+
+    def project(features, axes, name):
+      return Dense(features, axes, cfg.use_bias, cfg.init_std, dtype, name=name)(x_BxLxD)
+
+    q_BxLxHxK = project(heads * head_dim, ("embed", "q_heads"), "q").reshape(
+        batch, length, heads, head_dim)
+    k_BxLxGxK = project(kv_heads * head_dim, ("embed", "kv_heads"), "k").reshape(
+        batch, length, kv_heads, head_dim)
+    v_BxLxGxK = project(kv_heads * head_dim, ("embed", "kv_heads"), "v").reshape(
+        batch, length, kv_heads, head_dim)
+    if cfg.qk_norm:
+      norm = lambda name: Norm(cfg.norm, cfg.norm_eps, cfg.norm_unit_offset, axis_name="head_dim",
+                               name=name)
+      q_BxLxHxK = norm("q_norm")(q_BxLxHxK)
+      k_BxLxGxK = norm("k_norm")(k_BxLxGxK)
+    if cfg.position == "rope":
+      q_BxLxHxK = apply_rope(q_BxLxHxK, positions_BxL, self.rope_theta)
+      k_BxLxGxK = apply_rope(k_BxLxGxK, positions_BxL, self.rope_theta)
+
+    out_BxLxHxK = dot_product_attention(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, mask_Bx1xLxL,
+                                        scale=(cfg.query_scale_dim or head_dim) ** -0.5)
+    out_BxLxHK = out_BxLxHxK.reshape(batch, length, heads * head_dim)
+    return Dense(d_model, ("q_heads", "embed"), cfg.use_bias, self.out_std, dtype,
+                 name="o")(out_BxLxHK)
+
+
+def dot_product_attention(q_BxLxHxK: jax.Array, k_BxSxGxK: jax.Array, v_BxSxGxK: jax.Array,
+                          mask_Bx1xLxS: jax.Array, scale: float) -> jax.Array:
+  """Softmax attention in float32; H query heads share G key/value heads (H/G each)."""
+  batch, length, heads, head_dim = q_BxLxHxK.shape
+  kv_heads = k_BxSxGxK.shape[2]
+  q_BxLxGxRxK = q_BxLxHxK.reshape(batch, length, kv_heads, heads // kv_heads, head_dim)
+  scores_BxGxRxLxS = jnp.einsum("blgrk,bsgk->bgrls", q_BxLxGxRxK * scale, k_BxSxGxK,
+                                preferred_element_type=jnp.float32)
+  mask_Bx1x1xLxS = mask_Bx1xLxS[:, :, None]
+  scores_BxGxRxLxS = jnp.where(mask_Bx1x1xLxS, scores_BxGxRxLxS,
+                               jnp.finfo(jnp.float32).min)
+  probs_BxGxRxLxS = jax.nn.softmax(scores_BxGxRxLxS, axis=-1).astype(v_BxSxGxK.dtype)
+  out_BxLxGxRxK = jnp.einsum("bgrls,bsgk->blgrk", probs_BxGxRxLxS, v_BxSxGxK)
+  return out_BxLxGxRxK.reshape(batch, length, heads, head_dim)

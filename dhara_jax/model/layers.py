@@ -1,0 +1,139 @@
+"""Building blocks of the decoder: projections, embeddings, norms, RoPE, MLPs.
+
+Every parameter is created with logical axis names (see `dhara_jax.sharding` for the rules that
+map them onto the mesh).
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Axes = tuple[str | None, ...]
+
+
+def param_init(std: float, axes: Axes) -> nn.initializers.Initializer:
+  return nn.with_logical_partitioning(nn.initializers.normal(std), axes)
+
+
+class Dense(nn.Module):
+  """y = x @ W (+ b) with a 2-D kernel.
+
+  Leading dims are flattened into one matmul on purpose: XLA:CPU runs one large 2-D dot much
+  faster than a batched 3-D one, and TPU/GPU lose nothing.
+  """
+
+  features: int
+  kernel_axes: Axes
+  use_bias: bool = False
+  init_std: float = 0.02
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x_NxI: jax.Array) -> jax.Array:
+    in_features = x_NxI.shape[-1]
+    kernel_IxO = self.param("kernel", param_init(self.init_std, self.kernel_axes),
+                            (in_features, self.features), jnp.float32)
+    y = jnp.dot(x_NxI.reshape(-1, in_features).astype(self.dtype), kernel_IxO.astype(self.dtype))
+    if self.use_bias:
+      bias_O = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros,
+                                                               self.kernel_axes[1:]),
+                          (self.features,), jnp.float32)
+      y = y + bias_O.astype(self.dtype)
+    return y.reshape(*x_NxI.shape[:-1], self.features)
+
+
+class Embed(nn.Module):
+  """Token or position table; `attend` gives tied output logits."""
+
+  num_embeddings: int
+  features: int
+  axes: Axes = ("vocab", "embed")
+  init_std: float = 0.02
+  dtype: jnp.dtype = jnp.float32
+
+  def setup(self) -> None:
+    self.embedding = self.param("embedding", param_init(self.init_std, self.axes),
+                                (self.num_embeddings, self.features), jnp.float32)
+
+  def __call__(self, ids: jax.Array) -> jax.Array:
+    return jnp.take(self.embedding, ids, axis=0).astype(self.dtype)
+
+  def attend(self, x_NxD: jax.Array) -> jax.Array:
+    flat = x_NxD.reshape(-1, self.features).astype(self.dtype)
+    logits = jnp.dot(flat, self.embedding.astype(self.dtype).T)
+    return logits.reshape(*x_NxD.shape[:-1], self.num_embeddings)
+
+
+class Norm(nn.Module):
+  """LayerNorm (with bias) or RMSNorm over the last axis, computed in float32.
+
+  `unit_offset` is Gemma's variant: the stored scale w is applied as (1 + w) and starts at 0.
+  """
+
+  kind: str = "rmsnorm"
+  eps: float = 1e-6
+  unit_offset: bool = False
+  axis_name: str = "norm"
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    features = x.shape[-1]
+    scale_init = nn.initializers.zeros if self.unit_offset else nn.initializers.ones
+    scale = self.param("scale", nn.with_logical_partitioning(scale_init, (self.axis_name,)),
+                       (features,), jnp.float32)
+    h = x.astype(jnp.float32)
+    if self.kind == "layernorm":
+      h = h - jnp.mean(h, axis=-1, keepdims=True)
+    h = h * jax.lax.rsqrt(jnp.mean(jnp.square(h), axis=-1, keepdims=True) + self.eps)
+    h = h * (1.0 + scale if self.unit_offset else scale)
+    if self.kind == "layernorm":
+      bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros,
+                                                             (self.axis_name,)),
+                        (features,), jnp.float32)
+      h = h + bias
+    return h.astype(x.dtype)
+
+
+def apply_rope(x_BxLxHxK: jax.Array, positions_BxL: jax.Array, theta: float) -> jax.Array:
+  """Rotary embedding in the rotate-half layout (the one transformers' Llama uses)."""
+  head_dim = x_BxLxHxK.shape[-1]
+  inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+  angles_BxLxK2 = positions_BxL[..., None].astype(jnp.float32) * inv_freq
+  cos = jnp.cos(angles_BxLxK2)[:, :, None, :]
+  sin = jnp.sin(angles_BxLxK2)[:, :, None, :]
+  x = x_BxLxHxK.astype(jnp.float32)
+  x1, x2 = jnp.split(x, 2, axis=-1)
+  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  return out.astype(x_BxLxHxK.dtype)
+
+
+def activation(name: str):
+  """The MLP nonlinearity: GPT-2 and GeGLU use tanh-GELU, SwiGLU uses SiLU."""
+  return jax.nn.silu if name == "swiglu" else (lambda x: jax.nn.gelu(x, approximate=True))
+
+
+class Mlp(nn.Module):
+  """GELU MLP (up → act → down) or gated GLU (act(gate) · up → down)."""
+
+  kind: str
+  hidden: int
+  use_bias: bool = False
+  init_std: float = 0.02
+  out_std: float = 0.02
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x_BxLxD: jax.Array) -> jax.Array:
+    dense = lambda features, axes, std, name: Dense(features, axes, self.use_bias, std,
+                                                     self.dtype, name=name)
+    act = activation(self.kind)
+    up_BxLxF = dense(self.hidden, ("embed", "mlp"), self.init_std, "up")(x_BxLxD)
+    if self.kind == "gelu":
+      h_BxLxF = act(up_BxLxF)
+    else:
+      gate_BxLxF = dense(self.hidden, ("embed", "mlp"), self.init_std, "gate")(x_BxLxD)
+      h_BxLxF = act(gate_BxLxF) * up_BxLxF
+    return dense(x_BxLxD.shape[-1], ("mlp", "embed"), self.out_std, "down")(h_BxLxF)
+

@@ -1,0 +1,94 @@
+"""Device mesh and the one table that maps logical axis names onto it.
+
+Mesh axes: `data` (pure data parallel), `fsdp` (data parallel with parameters and optimizer state
+sharded), `tensor` (heads / MLP / vocab split). Axes are `AxisType.Auto` on purpose: the Flax
+modules annotate parameters and a few activations with logical names and leave the rest to
+XLA's sharding propagation, which is what Auto axes provide (Explicit axes would require a
+sharding in every op's type).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+
+from dhara_jax.config import MeshConfig, ModelConfig
+from dhara_jax.errors import ConfigError
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+# Logical axis -> mesh axes. Parameters: `embed` rows are FSDP-sharded, head / MLP / vocab
+# columns tensor-sharded. Activations: batch over data × fsdp, everything else replicated.
+LOGICAL_RULES: tuple[tuple[str, Any], ...] = (
+    ("batch", ("data", "fsdp")),
+    ("length", None),
+    ("act_embed", None),
+    ("vocab", "tensor"),
+    ("embed", "fsdp"),
+    ("q_heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("mlp", "tensor"),
+    ("expert", None),
+    ("positions", None),
+    ("norm", None),
+    ("head_dim", None),
+    ("conv_kernel", None),
+)
+
+
+def make_mesh(cfg: MeshConfig, devices: Sequence[jax.Device] | None = None) -> Mesh:
+  devices = list(devices if devices is not None else jax.devices())
+  sizes = [cfg.data, cfg.fsdp, cfg.tensor]
+  known = math.prod(s for s in sizes if s != -1)
+  if -1 in sizes:
+    if len(devices) % known:
+      raise ConfigError(f"mesh: fsdp × tensor × data = {known} does not divide the "
+                        f"{len(devices)} devices")
+    sizes[sizes.index(-1)] = len(devices) // known
+  if math.prod(sizes) != len(devices):
+    raise ConfigError(f"mesh: data × fsdp × tensor = {math.prod(sizes)} but there are "
+                      f"{len(devices)} devices")
+  return jax.make_mesh(tuple(sizes), MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES),
+                       devices=devices)
+
+
+def spec_for(logical: PartitionSpec, shape: Sequence[int], mesh: Mesh) -> PartitionSpec:
+  """Maps logical names to mesh axes, dropping any mesh axis that does not divide its dim
+  (e.g. 4 KV heads on an 8-way tensor axis stay replicated) or is already used."""
+  rules = dict(LOGICAL_RULES)
+  used: set[str] = set()
+  out = []
+  for name, dim in zip(logical, shape):
+    axes = rules.get(name) if name is not None else None
+    axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
+    kept = []
+    for axis in axes:
+      size = mesh.shape[axis]
+      if axis not in used and size > 1 and dim % (size * math.prod(mesh.shape[a] for a in kept)) == 0:
+        kept.append(axis)
+    used.update(kept)
+    out.append(None if not kept else kept[0] if len(kept) == 1 else tuple(kept))
+  return PartitionSpec(*out)
+
+
+def param_shardings(cfg: ModelConfig, mesh: Mesh) -> Any:
+  """NamedSharding for every parameter of the model described by `cfg`."""
+  from dhara_jax.model import logical_axes, param_shapes  # model imports config only
+
+  return jax.tree.map(lambda spec, shape: NamedSharding(mesh, spec_for(spec, shape.shape, mesh)),
+                      logical_axes(cfg), param_shapes(cfg),
+                      is_leaf=lambda x: isinstance(x, PartitionSpec))
+
+
+def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
+  """Leading (batch) axis over data × fsdp; the rest replicated."""
+  return NamedSharding(mesh, PartitionSpec(("data", "fsdp"), *([None] * (ndim - 1))))
+
+
+def axis_rules() -> Any:
+  """Context manager that activates LOGICAL_RULES for `nn.with_logical_constraint`."""
+  return nn.logical_axis_rules(LOGICAL_RULES)

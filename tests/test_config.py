@@ -1,0 +1,99 @@
+import subprocess
+import sys
+
+import pytest
+
+from dhara_jax import config
+from dhara_jax.config import FAMILIES, ModelConfig
+from dhara_jax.errors import ConfigError
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_family_presets_load(family):
+  cfg = config.load(family).model
+  assert cfg.family == family
+  assert cfg.num_layers == 32
+
+
+def test_shape_preset_inherits_family_and_overrides():
+  cfg = config.load("shapes/gpt2_64l").model
+  assert (cfg.num_layers, cfg.d_model, cfg.num_heads, cfg.mlp_dim) == (64, 256, 4, 1024)
+  assert cfg.norm == "layernorm" and cfg.position == "learned"  # from families/gpt2.yaml
+
+
+def test_overrides_are_typed():
+  cfg = config.load("llama3", ["model.d_model=512", "model.rope_theta=500000",
+                               "model.qk_norm=true", "mesh.tensor=2"])
+  assert cfg.model.d_model == 512 and cfg.model.qk_norm is True
+  assert cfg.model.rope_theta == 500000.0 and isinstance(cfg.model.rope_theta, float)
+  assert cfg.mesh.tensor == 2
+
+
+def test_config_is_frozen():
+  cfg = ModelConfig()
+  with pytest.raises(Exception):
+    cfg.d_model = 1  # type: ignore[misc]
+
+
+def test_base_chain_and_cycle(tmp_path):
+  (tmp_path / "a.yaml").write_text("base: b.yaml\nmodel: {d_model: 128, num_heads: 4}\n")
+  (tmp_path / "b.yaml").write_text("base: llama3\nmodel: {num_layers: 2}\n")
+  cfg = config.load(tmp_path / "a.yaml").model
+  assert (cfg.d_model, cfg.num_layers, cfg.family) == (128, 2, "llama3")
+  (tmp_path / "c.yaml").write_text("base: d.yaml\n")
+  (tmp_path / "d.yaml").write_text("base: c.yaml\n")
+  with pytest.raises(ConfigError, match="cycle"):
+    config.load(tmp_path / "c.yaml")
+
+
+def test_compact_pattern():
+  assert config.compact_pattern("CCACCACC") == "CCA"
+  assert config.compact_pattern("LLLLLALLLLLA") == "LLLLLA"
+  assert config.compact_pattern("AAAA") == "A"
+
+
+BAD = [
+    (["model.family=bert"], "model.family"),
+    (["model.num_heads=7"], "model.num_heads"),
+    (["model.num_kv_heads=3"], "model.num_kv_heads"),
+    (["model.d_model=-8"], "model.d_model"),
+    (["model.num_layers=0"], "model.num_layers"),
+    (["model.vocab=5"], "model.vocab"),
+    (["model.d_model=big"], "model.d_model"),
+    (["model.layer_pattern=AXA"], "model.layer_pattern"),
+    (["model.layer_pattern=AL"], "model.sliding_window"),
+    (["model.num_experts=4", "model.moe_mlp_dim=0"], "model.moe_mlp_dim"),
+    (["model.experts_per_token=9", "model.num_experts=8", "model.moe_mlp_dim=8"],
+     "model.experts_per_token"),
+    (["optim.lr=1"], "optim"),
+    (["mesh.data=0"], "mesh.data"),
+    (["d_model=3"], "override"),
+]
+
+
+@pytest.mark.parametrize("overrides,field", BAD)
+def test_bad_configs_raise_naming_the_field(overrides, field):
+  with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
+    config.load("llama3", overrides)
+
+
+def test_cli_bad_config_is_one_line_and_nonzero(tmp_path):
+  bad = tmp_path / "bad.yaml"
+  bad.write_text("base: llama3\nmodel:\n  d_model: 384\n  num_heads: 5\n  colour: red\n")
+  for args in (["params", str(bad)], ["params", "llama3", "model.num_kv_heads=3"],
+               ["params", str(tmp_path / "missing.yaml")]):
+    proc = subprocess.run([sys.executable, "-m", "dhara_jax.cli", *args], capture_output=True,
+                          text=True)
+    assert proc.returncode == 2, proc
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
+  proc = subprocess.run([sys.executable, "-m", "dhara_jax.cli", "params", str(bad)],
+                        capture_output=True, text=True)
+  assert proc.stderr.strip() == "error: model.colour: unknown field"
+
+
+def test_invalid_yaml_is_reported(tmp_path):
+  bad = tmp_path / "bad.yaml"
+  bad.write_text("model: [unclosed\n")
+  with pytest.raises(ConfigError, match="not valid YAML"):
+    config.load(bad)

@@ -1,0 +1,33 @@
+"""Tiny versions of the real presets, so tests exercise the shipped family configs."""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+
+from dhara_jax import config
+from dhara_jax.config import ModelConfig
+from dhara_jax.model import init_params
+
+TINY = ["model.vocab_size=128", "model.d_model=64", "model.num_layers=3", "model.num_heads=4",
+        "model.num_kv_heads=2", "model.mlp_dim=96", "model.max_seq_len=64"]
+PER_FAMILY = {
+    "gpt2": ["model.num_kv_heads=4"],
+    "gemma3": ["model.layer_pattern=LLA", "model.sliding_window=4"],
+    "moe": ["model.num_experts=4", "model.moe_mlp_dim=32"],
+}
+
+
+def tiny_config(family: str, *overrides: str) -> ModelConfig:
+  return config.load(family, TINY + PER_FAMILY.get(family, []) + list(overrides)).model
+
+
+def random_params(cfg: ModelConfig, seed: int = 0):
+  """Initialised params with every tensor perturbed, so norm scales and biases are not the
+  constants they start at and a wrong mapping of any of them shows up in the logits."""
+  params = init_params(cfg, jax.random.key(seed))
+  leaves, treedef = jax.tree.flatten(params)
+  rng = np.random.default_rng(seed)
+  leaves = [np.asarray(x) + 0.05 * rng.standard_normal(x.shape).astype(np.float32)
+            for x in leaves]
+  return jax.tree.unflatten(treedef, leaves)
