@@ -1,6 +1,8 @@
 """Export every family to its transformers class and compare logits in PyTorch (fp32, CPU)."""
 
 import json
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -13,7 +15,6 @@ from dhara_jax.export import export_hf, hf_config, import_hf
 from dhara_jax.export.parity import load_torch_model, torch_logits
 from dhara_jax.model import forward
 
-pytest.importorskip("torch", reason="parity tests need the test extra (torch==2.13.0)")
 
 TOL = 1e-4
 ARCHITECTURES = {"gpt2": "GPT2LMHeadModel", "llama3": "LlamaForCausalLM",
@@ -121,3 +122,24 @@ def test_import_errors_are_clear(tmp_path):
   (tmp_path / "config.json").write_text('{"model_type": "bert"}')
   with pytest.raises(DharaError, match="model_type 'bert'"):
     import_hf(tmp_path)
+
+
+def test_export_does_not_import_torch(tmp_path):
+  """Export writes safetensors with numpy only; torch must not even be imported."""
+  code = (
+      "import sys; sys.path.insert(0, 'tests')\n"
+      "from tiny import tiny_config, random_params\n"
+      "from dhara_jax.export import export_hf\n"
+      "cfg = tiny_config('gpt2')\n"
+      f"export_hf(cfg, random_params(cfg), {str(tmp_path)!r})\n"
+      "assert 'torch' not in sys.modules and 'transformers' not in sys.modules\n")
+  subprocess.run([sys.executable, "-c", code], check=True)
+  assert (tmp_path / "model.safetensors").is_file()
+
+
+def test_export_to_unwritable_place_is_one_clear_error(tmp_path):
+  blocker = tmp_path / "file"
+  blocker.write_text("x")
+  cfg = tiny_config("llama3")
+  with pytest.raises(DharaError, match="cannot write"):
+    export_hf(cfg, random_params(cfg), blocker / "sub")

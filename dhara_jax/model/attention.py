@@ -50,15 +50,21 @@ class Attention(nn.Module):
 
 def dot_product_attention(q_BxLxHxK: jax.Array, k_BxSxGxK: jax.Array, v_BxSxGxK: jax.Array,
                           mask_Bx1xLxS: jax.Array, scale: float) -> jax.Array:
-  """Softmax attention in float32; H query heads share G key/value heads (H/G each)."""
+  """Softmax attention in float32; H query heads share G key/value heads (H/G each).
+
+  Heads are moved in front of the sequence axes first: XLA:CPU runs the two attention
+  contractions about 3× faster with (batch, heads) as leading batch dims.
+  """
   batch, length, heads, head_dim = q_BxLxHxK.shape
   kv_heads = k_BxSxGxK.shape[2]
-  q_BxLxGxRxK = q_BxLxHxK.reshape(batch, length, kv_heads, heads // kv_heads, head_dim)
-  scores_BxGxRxLxS = jnp.einsum("blgrk,bsgk->bgrls", q_BxLxGxRxK * scale, k_BxSxGxK,
+  q_BxGxRxLxK = (q_BxLxHxK * scale).reshape(
+      batch, length, kv_heads, heads // kv_heads, head_dim).transpose(0, 2, 3, 1, 4)
+  k_BxGxSxK = k_BxSxGxK.transpose(0, 2, 1, 3)
+  v_BxGxSxK = v_BxSxGxK.transpose(0, 2, 1, 3)
+  scores_BxGxRxLxS = jnp.einsum("bgrlk,bgsk->bgrls", q_BxGxRxLxK, k_BxGxSxK,
                                 preferred_element_type=jnp.float32)
-  mask_Bx1x1xLxS = mask_Bx1xLxS[:, :, None]
-  scores_BxGxRxLxS = jnp.where(mask_Bx1x1xLxS, scores_BxGxRxLxS,
+  scores_BxGxRxLxS = jnp.where(mask_Bx1xLxS[:, :, None], scores_BxGxRxLxS,
                                jnp.finfo(jnp.float32).min)
   probs_BxGxRxLxS = jax.nn.softmax(scores_BxGxRxLxS, axis=-1).astype(v_BxSxGxK.dtype)
-  out_BxLxGxRxK = jnp.einsum("bgrls,bsgk->blgrk", probs_BxGxRxLxS, v_BxSxGxK)
-  return out_BxLxGxRxK.reshape(batch, length, heads, head_dim)
+  out_BxGxRxLxK = jnp.einsum("bgrls,bgsk->bgrlk", probs_BxGxRxLxS, v_BxGxSxK)
+  return out_BxGxRxLxK.transpose(0, 3, 1, 2, 4).reshape(batch, length, heads, head_dim)
