@@ -60,6 +60,12 @@ class ModelConfig:
   moe_mlp_dim: int = 0
   moe_norm_topk: bool = True
   moe_aux_loss_weight: float = 0.01
+  # Canon layers (PhysicsLM4): any subset of positions "ABCD"; see dhara_jax/model/canon.py.
+  canon_set: str = ""
+  canon_kernel: int = 4
+  canon_residual: bool = True
+  canon_bias: bool = False
+  canon_activation: bool = False  # SiLU on the conv output (not recommended for transformers)
   # Embeddings and output.
   tie_embeddings: bool = True
   embed_scale: bool = False  # multiply token embeddings by sqrt(d_model) (Gemma)
@@ -162,10 +168,14 @@ def _validate_model(c: ModelConfig) -> None:
          + ", ".join(f"{k} ({v})" for k, v in LAYER_KINDS.items()))
   if "L" in c.layer_pattern and c.sliding_window <= 0:
     fail("sliding_window", "must be positive when layer_pattern has sliding-window layers (L)")
-  if "A" not in c.layer_pattern and "L" not in c.layer_pattern:
-    fail("layer_pattern", "needs at least one attention layer (A or L)")
   if c.norm_unit_offset and c.norm != "rmsnorm":
     fail("norm_unit_offset", "only applies to norm: rmsnorm")
+  if set(c.canon_set) - set("ABCD") or len(set(c.canon_set)) != len(c.canon_set):
+    fail("canon_set", f"{c.canon_set!r} must be distinct letters from ABCD")
+  if c.canon_kernel < 1:
+    fail("canon_kernel", f"must be >= 1, got {c.canon_kernel}")
+  if "D" in c.canon_set and c.num_experts:
+    fail("canon_set", "Canon D needs a dense MLP: MoE experts see tokens out of time order")
   if c.num_experts:
     if c.experts_per_token > c.num_experts:
       fail("experts_per_token", f"{c.experts_per_token} exceeds num_experts={c.num_experts}")

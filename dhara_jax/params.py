@@ -25,10 +25,12 @@ def count_params(cfg: ModelConfig, seq_len: int | None = None) -> dict[str, Any]
   embedding = sum(n for k, n in flat.items() if k.startswith(EMBEDDING_PREFIXES))
   per_layer = [sum(n for k, n in flat.items() if k.startswith(f"layers_{i}/"))
                for i in range(cfg.num_layers)]
-  # Weight matrices inside the blocks only (no biases or norm scales): the 12·d²·L that
-  # codelion's shape table reports for GPT-2 blocks.
+  # Weight matrices inside the blocks only (no biases, norm scales or depthwise conv taps): the
+  # 12·d²·L that codelion's shape table reports for GPT-2 blocks.
   layer_matrices = sum(n for k, n in flat.items()
-                       if k.startswith("layers_") and len(shapes[k]) >= 2)
+                       if k.startswith("layers_") and len(shapes[k]) >= 2
+                       and "/canon_" not in k and not k.endswith("/conv/conv"))
+  canon = sum(n for k, n in flat.items() if "/canon_" in k)
   active = _active_params(cfg, flat)
   seq_len = seq_len or cfg.max_seq_len
   return {
@@ -38,6 +40,7 @@ def count_params(cfg: ModelConfig, seq_len: int | None = None) -> dict[str, Any]
       "non_embedding": total - embedding,
       "layers": sum(per_layer),
       "layer_matrices": layer_matrices,
+      "canon": canon,
       "per_layer": per_layer,
       "num_layers": cfg.num_layers,
       "active": active,
@@ -87,6 +90,9 @@ def format_table(counts: dict[str, Any]) -> str:
       f"layers          {m(counts['layers'])}  over {counts['num_layers']} layers",
       f"layer matrices  {m(counts['layer_matrices'])}  (block weight matrices only)",
   ]
+  if counts["canon"]:
+    lines.append(f"canon           {m(counts['canon'])}  "
+                 f"({100 * counts['canon'] / counts['total']:.2f}% of total)")
   distinct = sorted(set(counts["per_layer"]))
   lines.append("per layer       " + ", ".join(f"{n:,}" for n in distinct)
                + ("" if len(distinct) == 1 else "  (layer kinds differ)"))

@@ -1,7 +1,8 @@
 """`dhara quickstart`: a small end-to-end run on this machine.
 
-For now: every family is built at a small size, run forward (jit), exported to transformers,
-reloaded in PyTorch and compared logit by logit, and imported back bit-exactly. The summary goes
+For now: every family (and LLaMA3-Canon) is built at a small size, run forward (jit), exported to
+transformers (custom code for Canon), reloaded in PyTorch and compared logit by logit, and
+imported back bit-exactly. The summary goes
 to OUT/summary.json.
 """
 
@@ -30,9 +31,11 @@ SMALL_FAMILY = {"gpt2": ["model.num_kv_heads=4", "model.mlp_dim=512"],
                 "moe": ["model.num_experts=4", "model.moe_mlp_dim=64"],
                 "gemma3": ["model.sliding_window=16"]}
 PARITY_TOLERANCE = 1e-4
+# Every family through its transformers class, plus LLaMA3-Canon through custom code.
+PRESETS = FAMILIES + ("llama3_canon",)
 
 
-def run(out_dir: str | Path, families: tuple[str, ...] = FAMILIES, seed: int = 0) -> dict:
+def run(out_dir: str | Path, families: tuple[str, ...] = PRESETS, seed: int = 0) -> dict:
   out = Path(out_dir)
   try:
     out.mkdir(parents=True, exist_ok=True)
@@ -55,7 +58,7 @@ def run(out_dir: str | Path, families: tuple[str, ...] = FAMILIES, seed: int = 0
                        "parity_ok": max_diff <= PARITY_TOLERANCE, "import_exact": exact,
                        "seconds": round(time.perf_counter() - started, 2)}
     r = results[family]
-    print(f"{family:7s} {r['params'] / 1e6:6.2f}M params  export→torch max |Δlogit| "
+    print(f"{family:12s} {r['params'] / 1e6:6.2f}M params  export→torch max |Δlogit| "
           f"{max_diff:.2e} {'ok' if r['parity_ok'] else 'FAIL'}  import "
           f"{'bit-exact' if exact else 'DIFFERS'}  ({r['seconds']}s)", flush=True)
   summary = {"families": results,

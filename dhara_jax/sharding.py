@@ -37,6 +37,7 @@ LOGICAL_RULES: tuple[tuple[str, Any], ...] = (
     ("norm", None),
     ("head_dim", None),
     ("conv_kernel", None),
+    ("canon_channels", None),  # Canon weights are tiny (K × C): replicated
 )
 
 

@@ -13,7 +13,8 @@ def test_quickstart_cli_end_to_end(tmp_path):
   assert proc.returncode == 0, proc.stderr[-2000:]
   summary = json.loads((tmp_path / "summary.json").read_text())
   assert summary["ok"]
-  assert set(summary["families"]) == {"gpt2", "llama3", "qwen3", "gemma3", "moe", "lfm2"}
+  assert set(summary["families"]) == {"gpt2", "llama3", "qwen3", "gemma3", "moe", "lfm2",
+                                      "llama3_canon"}
   for family, result in summary["families"].items():
     assert result["max_abs_logit_diff"] <= 1e-4 and result["import_exact"], family
     assert (tmp_path / family / "model.safetensors").is_file()

@@ -1,24 +1,19 @@
-"""Export to / import from transformers checkpoints: one mapping per family.
+"""Mappings to transformers classes: one per family.
 
 A family spec says which `ModelConfig` values its transformers class can express, how config
 fields are named there, and where every parameter goes (name, transpose, fused or split
-projections, tied head). Export writes `model.safetensors` + `config.json` with numpy only (no torch
-import), so `AutoModelForCausalLM.from_pretrained(dir)` loads it; import reverses every step
-exactly, so import(export(params)) is bit-identical.
+projections, tied head). Every entry has an exact inverse, so import(export(params)) is
+bit-identical. Files are written and read by `dhara_jax.export.io`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
-from pathlib import Path
 from typing import Any, Callable
 
 import jax
 import numpy as np
 from flax import traverse_util
-from safetensors import SafetensorError
-from safetensors.numpy import load_file, save_file
 
 from dhara_jax.config import ModelConfig, compact_pattern
 from dhara_jax.errors import DharaError
@@ -340,7 +335,7 @@ MODEL_TYPE_TO_FAMILY = {spec.model_type: name for name, spec in FAMILY_SPECS.ite
 def family_spec(cfg: ModelConfig) -> FamilySpec:
   """The family's spec, after checking that its transformers class can express `cfg`."""
   spec = FAMILY_SPECS[cfg.family]
-  for field, want in spec.requires.items():
+  for field, want in {"canon_set": "", **spec.requires}.items():
     have = getattr(cfg, field)
     if have != want:
       raise DharaError(f"export: {spec.architecture} needs model.{field}={want!r}, got {have!r}")
@@ -371,29 +366,7 @@ def hf_config(cfg: ModelConfig) -> dict:
 
 def to_hf_state_dict(cfg: ModelConfig, params: Any) -> Arrays:
   """transformers tensor name -> numpy array (float32, contiguous)."""
-  flat = {k: np.asarray(jax.device_get(v), np.float32)
-          for k, v in traverse_util.flatten_dict(params, sep="/").items()}
-  entries = family_spec(cfg).entries(cfg)
-  used = {p for e in entries for p in e.paths}
-  if used != set(flat):
-    missing, extra = sorted(used - set(flat)), sorted(set(flat) - used)
-    raise DharaError(f"export: params do not match model config "
-                     f"(missing {missing[:3]}, unmapped {extra[:3]})")
-  return {e.hf: np.ascontiguousarray(e.to_hf(*(flat[p] for p in e.paths))) for e in entries}
-
-
-def export_hf(cfg: ModelConfig, params: Any, out_dir: str | Path) -> Path:
-  """Writes `model.safetensors` and `config.json` loadable by AutoModelForCausalLM."""
-  out = Path(out_dir)
-  tensors = to_hf_state_dict(cfg, params)
-  config = hf_config(cfg)
-  try:
-    out.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
-    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-  except OSError as e:
-    raise DharaError(f"export: cannot write {out}: {e.strerror or e}") from None
-  return out
+  return apply_forward(family_spec(cfg).entries(cfg), params)
 
 
 def config_from_hf(hf: dict) -> ModelConfig:
@@ -416,9 +389,21 @@ def config_from_hf(hf: dict) -> ModelConfig:
   return ModelConfig(**{k: v for k, v in fields.items() if k in known})
 
 
-def from_hf_state_dict(cfg: ModelConfig, tensors: Arrays) -> dict:
+def apply_forward(entries: list[Entry], params: Any) -> Arrays:
+  """dhara-jax params -> transformers tensors (float32, contiguous numpy)."""
+  flat = {k: np.asarray(jax.device_get(v), np.float32)
+          for k, v in traverse_util.flatten_dict(params, sep="/").items()}
+  used = {p for e in entries for p in e.paths}
+  if used != set(flat):
+    missing, extra = sorted(used - set(flat)), sorted(set(flat) - used)
+    raise DharaError(f"export: params do not match model config "
+                     f"(missing {missing[:3]}, unmapped {extra[:3]})")
+  return {e.hf: np.ascontiguousarray(e.to_hf(*(flat[p] for p in e.paths))) for e in entries}
+
+
+def apply_inverse(entries: list[Entry], tensors: Arrays) -> dict:
+  """transformers tensors -> dhara-jax params (nested dict), undoing every entry exactly."""
   flat = {}
-  entries = family_spec(cfg).entries(cfg)
   missing = [e.hf for e in entries if e.hf not in tensors]
   if missing:
     raise DharaError(f"import: checkpoint lacks {missing[0]} (and {len(missing) - 1} more)"
@@ -433,22 +418,3 @@ def from_hf_state_dict(cfg: ModelConfig, tensors: Arrays) -> dict:
   for path, by_index in slices.items():
     flat[path] = np.stack([by_index[i] for i in sorted(by_index)])
   return traverse_util.unflatten_dict(flat, sep="/")
-
-
-def import_hf(hf_dir: str | Path) -> tuple[ModelConfig, dict]:
-  """Reads a transformers directory written by `export_hf` (or any compatible checkpoint)."""
-  hf_dir = Path(hf_dir)
-  config_path, weights_path = hf_dir / "config.json", hf_dir / "model.safetensors"
-  for path in (config_path, weights_path):
-    if not path.is_file():
-      raise DharaError(f"import: {path} not found")
-  try:
-    hf = json.loads(config_path.read_text())
-  except json.JSONDecodeError as e:
-    raise DharaError(f"import: {config_path} is not valid JSON ({e.msg})") from None
-  cfg = config_from_hf(hf)
-  try:
-    tensors = load_file(str(weights_path))
-  except (SafetensorError, OSError) as e:
-    raise DharaError(f"import: {weights_path} is not a readable safetensors file ({e})") from None
-  return cfg, from_hf_state_dict(cfg, tensors)

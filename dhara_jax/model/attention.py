@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 
 from dhara_jax.config import ModelConfig
+from dhara_jax.model.canon import maybe_canon
 from dhara_jax.model.layers import Dense, Norm, apply_rope
 
 
@@ -16,8 +17,8 @@ class Attention(nn.Module):
   out_std: float
 
   @nn.compact
-  def __call__(self, x_BxLxD: jax.Array, positions_BxL: jax.Array,
-               mask_Bx1xLxL: jax.Array) -> jax.Array:
+  def __call__(self, x_BxLxD: jax.Array, positions_BxL: jax.Array, mask_Bx1xLxL: jax.Array,
+               segment_ids_BxL: jax.Array) -> jax.Array:
     cfg = self.cfg
     dtype = jnp.dtype(cfg.dtype)
     heads, kv_heads, head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.resolved_head_dim
@@ -37,6 +38,14 @@ class Attention(nn.Module):
                                name=name)
       q_BxLxHxK = norm("q_norm")(q_BxLxHxK)
       k_BxLxGxK = norm("k_norm")(k_BxLxGxK)
+    if "B" in cfg.canon_set:  # one depthwise conv over the concatenated q, k, v channels
+      qkv_BxLxC = jnp.concatenate([t.reshape(batch, length, -1)
+                                   for t in (q_BxLxHxK, k_BxLxGxK, v_BxLxGxK)], axis=-1)
+      qkv_BxLxC = maybe_canon(cfg, "B", qkv_BxLxC, segment_ids_BxL, "canon_b")
+      q, k, v = jnp.split(qkv_BxLxC, [heads * head_dim, (heads + kv_heads) * head_dim], axis=-1)
+      q_BxLxHxK = q.reshape(batch, length, heads, head_dim)
+      k_BxLxGxK = k.reshape(batch, length, kv_heads, head_dim)
+      v_BxLxGxK = v.reshape(batch, length, kv_heads, head_dim)
     if cfg.position == "rope":
       q_BxLxHxK = apply_rope(q_BxLxHxK, positions_BxL, self.rope_theta)
       k_BxLxGxK = apply_rope(k_BxLxGxK, positions_BxL, self.rope_theta)

@@ -116,28 +116,3 @@ def apply_rope(x_BxLxHxK: jax.Array, positions_BxL: jax.Array, theta: float) -> 
 def activation(name: str):
   """The MLP nonlinearity: GPT-2 and GeGLU use tanh-GELU, SwiGLU uses SiLU."""
   return jax.nn.silu if name == "swiglu" else (lambda x: jax.nn.gelu(x, approximate=True))
-
-
-class Mlp(nn.Module):
-  """GELU MLP (up → act → down) or gated GLU (act(gate) · up → down)."""
-
-  kind: str
-  hidden: int
-  use_bias: bool = False
-  init_std: float = 0.02
-  out_std: float = 0.02
-  dtype: jnp.dtype = jnp.float32
-
-  @nn.compact
-  def __call__(self, x_BxLxD: jax.Array) -> jax.Array:
-    dense = lambda features, axes, std, name: Dense(features, axes, self.use_bias, std,
-                                                     self.dtype, name=name)
-    act = activation(self.kind)
-    up_BxLxF = dense(self.hidden, ("embed", "mlp"), self.init_std, "up")(x_BxLxD)
-    if self.kind == "gelu":
-      h_BxLxF = act(up_BxLxF)
-    else:
-      gate_BxLxF = dense(self.hidden, ("embed", "mlp"), self.init_std, "gate")(x_BxLxD)
-      h_BxLxF = act(gate_BxLxF) * up_BxLxF
-    return dense(x_BxLxD.shape[-1], ("mlp", "embed"), self.out_std, "down")(h_BxLxF)
-

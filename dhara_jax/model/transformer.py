@@ -11,7 +11,9 @@ import jax.numpy as jnp
 from dhara_jax.config import ModelConfig
 from dhara_jax.model.attention import Attention
 from dhara_jax.model.conv import causal_depthwise_conv
-from dhara_jax.model.layers import Dense, Embed, Mlp, Norm
+from dhara_jax.model.canon import maybe_canon, torch_conv_init
+from dhara_jax.model.layers import Dense, Embed, Norm
+from dhara_jax.model.mlp import Mlp
 from dhara_jax.model.masks import attention_mask, segment_positions
 from dhara_jax.model.moe import MoeMlp
 
@@ -31,20 +33,14 @@ class ShortConv(nn.Module):
     d_model = x_BxLxD.shape[-1]
     bcx_BxLx3D = Dense(3 * d_model, ("embed", "mlp"), cfg.use_bias, cfg.init_std, dtype,
                        name="in_proj")(x_BxLxD)
+    bcx_BxLx3D = maybe_canon(cfg, "B", bcx_BxLx3D, segment_ids_BxL, "canon_b")
     b_BxLxD, c_BxLxD, h_BxLxD = jnp.split(bcx_BxLx3D, 3, axis=-1)
-    # PyTorch Conv1d's default init: uniform ±1/sqrt(fan_in), fan_in = kernel for depthwise.
-    bound = 1.0 / math.sqrt(cfg.conv_kernel)
-    w_KxD = self.param("conv", nn.with_logical_partitioning(_uniform(bound), ("conv_kernel", "mlp")),
+    w_KxD = self.param("conv", nn.with_logical_partitioning(torch_conv_init(cfg.conv_kernel),
+                                                            ("conv_kernel", "mlp")),
                        (cfg.conv_kernel, d_model), jnp.float32)
     y_BxLxD = c_BxLxD * causal_depthwise_conv(b_BxLxD * h_BxLxD, w_KxD, segment_ids_BxL)
     return Dense(d_model, ("mlp", "embed"), cfg.use_bias, self.out_std, dtype,
                  name="out_proj")(y_BxLxD)
-
-
-def _uniform(bound: float):
-  def init(key, shape, dtype=jnp.float32):
-    return jax.random.uniform(key, shape, dtype, -bound, bound)
-  return init
 
 
 class Block(nn.Module):
@@ -66,23 +62,25 @@ class Block(nn.Module):
     out_std = cfg.init_std / math.sqrt(2 * cfg.num_layers)
 
     h_BxLxD = norm("pre_mixer_norm")(x_BxLxD)
+    h_BxLxD = maybe_canon(cfg, "A", h_BxLxD, segment_ids_BxL, "canon_a")
     if self.kind == "C":
       h_BxLxD = ShortConv(cfg, out_std, name="conv")(h_BxLxD, segment_ids_BxL)
     else:
       theta = cfg.local_rope_theta if self.kind == "L" else cfg.rope_theta
-      h_BxLxD = Attention(cfg, theta, out_std, name="attn")(h_BxLxD, positions_BxL, mask_Bx1xLxL)
+      h_BxLxD = Attention(cfg, theta, out_std, name="attn")(h_BxLxD, positions_BxL, mask_Bx1xLxL,
+                                                           segment_ids_BxL)
     if cfg.sandwich_norm:
       h_BxLxD = norm("post_mixer_norm")(h_BxLxD)
     x_BxLxD = x_BxLxD + h_BxLxD
 
     h_BxLxD = norm("pre_mlp_norm")(x_BxLxD)
+    h_BxLxD = maybe_canon(cfg, "C", h_BxLxD, segment_ids_BxL, "canon_c")
     if cfg.num_experts:
       h_BxLxD = MoeMlp(cfg.num_experts, cfg.experts_per_token, cfg.moe_mlp_dim, cfg.mlp,
                        cfg.moe_norm_topk, cfg.init_std, out_std, dtype,
                        name="moe")(h_BxLxD, segment_ids_BxL > 0)
     else:
-      h_BxLxD = Mlp(cfg.mlp, cfg.mlp_dim, cfg.use_bias, cfg.init_std, out_std, dtype,
-                    name="mlp")(h_BxLxD)
+      h_BxLxD = Mlp(cfg, out_std, name="mlp")(h_BxLxD, segment_ids_BxL)
     if cfg.sandwich_norm:
       h_BxLxD = norm("post_mlp_norm")(h_BxLxD)
     return nn.with_logical_constraint(x_BxLxD + h_BxLxD, RESIDUAL_AXES)

@@ -1,0 +1,29 @@
+"""transformers config for dhara-jax models exported with custom code (trust_remote_code).
+
+The field names and meanings are those of `dhara_jax.config.ModelConfig`; the exporter writes
+every field into config.json and lists them under `dhara_fields`, so this file holds no copy of
+the defaults. It is copied next to the weights: the checkpoint loads without dhara-jax installed.
+"""
+
+from transformers import PretrainedConfig
+
+
+class DharaConfig(PretrainedConfig):
+  model_type = "dhara"
+  attribute_map = {"hidden_size": "d_model", "num_hidden_layers": "num_layers",
+                   "num_attention_heads": "num_heads", "num_key_value_heads": "num_kv_heads",
+                   "intermediate_size": "mlp_dim", "max_position_embeddings": "max_seq_len"}
+
+  def __init__(self, dhara_fields=(), **kwargs):
+    self.dhara_fields = list(dhara_fields)
+    for name in self.dhara_fields:
+      setattr(self, name, kwargs.pop(name))
+    super().__init__(**kwargs)
+
+  @property
+  def resolved_head_dim(self) -> int:
+    return self.head_dim or self.d_model // self.num_heads
+
+  def layer_kind(self, i: int) -> str:
+    """A: global attention, L: sliding-window attention, C: gated short conv."""
+    return self.layer_pattern[i % len(self.layer_pattern)]

@@ -1,0 +1,60 @@
+"""Canon layers (Allen-Zhu, Physics of Language Models 4.1): h + causal_depthwise_conv(h).
+
+Positions in a pre-norm block (PhysicsLM4 semantics): A after the mixer pre-norm, B on the
+concatenated q/k/v projections (after QK-norm, before RoPE; on LFM2 conv layers, on the in_proj
+output), C after the MLP pre-norm, D on the gated MLP activation. The conv stays causal in
+bidirectional (diffusion) mode so AR weights transfer 1:1, and taps reset at document boundaries.
+"""
+
+from __future__ import annotations
+
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from dhara_jax.config import ModelConfig
+from dhara_jax.model.conv import causal_depthwise_conv
+
+
+def torch_conv_init(kernel: int) -> nn.initializers.Initializer:
+  """PyTorch Conv1d's default for a depthwise conv: uniform(±1/sqrt(fan_in)), fan_in = K."""
+  bound = 1.0 / math.sqrt(kernel)
+
+  def init(key, shape, dtype=jnp.float32):
+    return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+  return init
+
+
+class Canon(nn.Module):
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, h_BxLxC: jax.Array, segment_ids_BxL: jax.Array) -> jax.Array:
+    cfg = self.cfg
+    channels = h_BxLxC.shape[-1]
+    w_KxC = self.param("kernel", nn.with_logical_partitioning(
+        torch_conv_init(cfg.canon_kernel), ("conv_kernel", "canon_channels")),
+                       (cfg.canon_kernel, channels), jnp.float32)
+    y_BxLxC = causal_depthwise_conv(h_BxLxC, w_KxC, segment_ids_BxL)
+    if cfg.canon_bias:
+      bias_C = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros,
+                                                               ("canon_channels",)),
+                          (channels,), jnp.float32)
+      y_BxLxC = y_BxLxC + bias_C.astype(y_BxLxC.dtype)
+    if cfg.canon_activation:
+      y_BxLxC = jax.nn.silu(y_BxLxC)
+    return h_BxLxC + y_BxLxC if cfg.canon_residual else y_BxLxC
+
+
+def maybe_canon(cfg: ModelConfig, position: str, h_BxLxC: jax.Array,
+                segment_ids_BxL: jax.Array, name: str) -> jax.Array:
+  """Applies the Canon layer for `position` (one of ABCD) when the config enables it.
+
+  Call only from inside a compact module's __call__: the layer binds to the calling module.
+  """
+  if position not in cfg.canon_set:
+    return h_BxLxC
+  return Canon(cfg, name=name)(h_BxLxC, segment_ids_BxL)

@@ -1,0 +1,151 @@
+"""Canon layers inside the decoder: placement, counts, causality, packing, export."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from tiny import random_params, tiny_config
+
+from dhara_jax import config
+from dhara_jax.config import FAMILIES
+from dhara_jax.errors import ConfigError
+from dhara_jax.export import export_hf, import_hf, uses_custom_code
+from dhara_jax.export.parity import load_torch_model, torch_logits
+from dhara_jax.model import forward, init_params
+from dhara_jax.model.canon import Canon
+from dhara_jax.params import count_params
+
+RNG = np.random.default_rng(0)
+# Canon D needs a dense MLP, so the MoE family takes A, B and C.
+CANON_SETS = {family: "ABC" if family == "moe" else "ABCD" for family in FAMILIES}
+
+
+def test_dhara_70m_counts():
+  counts = count_params(config.load("configs/models/dhara_70m.yaml").model)
+  assert abs(counts["total"] - 71.34e6) <= 0.01e6
+  assert counts["canon"] == 98_304  # 32 layers × (A: 384·4 + C: 384·4)
+
+
+def test_dhara_250m_ar_base_abcd_canon_count():
+  """32 layers, d 768, FF 2176, 12 heads / 4 KV heads of 64: A d·4 + B (q+k+v)·4 + C d·4 +
+  D ff·4 per layer = 638,976 (the model card's figure)."""
+  cfg = config.load("llama3", ["model.num_layers=32", "model.d_model=768", "model.mlp_dim=2176",
+                               "model.num_heads=12", "model.num_kv_heads=4",
+                               "model.vocab_size=49152", "model.canon_set=ABCD"]).model
+  assert count_params(cfg)["canon"] == 638_976
+
+
+def test_canon_params_sit_at_their_positions():
+  cfg = tiny_config("llama3", "model.canon_set=ABCD")
+  layer = init_params(cfg, jax.random.key(0))["layers_0"]
+  k, d = cfg.canon_kernel, cfg.d_model
+  assert layer["canon_a"]["kernel"].shape == (k, d)
+  assert layer["attn"]["canon_b"]["kernel"].shape == (
+      k, (cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.resolved_head_dim)
+  assert layer["canon_c"]["kernel"].shape == (k, d)
+  assert layer["mlp"]["canon_d"]["kernel"].shape == (k, cfg.mlp_dim)
+  bound = 1 / np.sqrt(k)  # PyTorch Conv1d default init
+  assert np.all(np.abs(np.asarray(layer["canon_a"]["kernel"])) <= bound)
+  assert np.std(np.asarray(layer["mlp"]["canon_d"]["kernel"])) > 0.3 * bound
+
+
+def test_canon_layer_semantics():
+  cfg = tiny_config("llama3", "model.canon_set=A", "model.canon_kernel=3")
+  canon = Canon(cfg)
+  h = jnp.asarray(RNG.standard_normal((1, 6, 4)), jnp.float32)
+  seg = jnp.array([[1, 1, 1, 2, 2, 2]])
+  params = nn.meta.unbox(canon.init(jax.random.key(0), h, seg))
+  w = np.asarray(params["params"]["kernel"])
+  out = np.asarray(canon.apply(params, h, seg))
+  x = np.asarray(h)[0]
+  # t = 2: residual + w[2]·x2 + w[1]·x1 + w[0]·x0 ; t = 3 starts a new document: only its own tap.
+  np.testing.assert_allclose(out[0, 2], x[2] + w[2] * x[2] + w[1] * x[1] + w[0] * x[0], atol=1e-6)
+  np.testing.assert_allclose(out[0, 3], x[3] + w[2] * x[3], atol=1e-6)
+  no_residual = Canon(tiny_config("llama3", "model.canon_set=A", "model.canon_kernel=3",
+                                  "model.canon_residual=false"))
+  np.testing.assert_allclose(np.asarray(no_residual.apply(params, h, seg)), out - np.asarray(h),
+                             atol=1e-6)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_canon_packed_documents_equal_separate_runs(family):
+  cfg = tiny_config(family, f"model.canon_set={CANON_SETS[family]}")
+  params = random_params(cfg)
+  doc_a, doc_b = RNG.integers(0, cfg.vocab_size, 6), RNG.integers(0, cfg.vocab_size, 7)
+  packed, _ = forward(cfg, params, np.concatenate([doc_a, doc_b])[None],
+                      np.array([[1] * 6 + [2] * 7]))
+  np.testing.assert_allclose(packed[0, :6], forward(cfg, params, doc_a[None])[0][0], atol=1e-5)
+  np.testing.assert_allclose(packed[0, 6:], forward(cfg, params, doc_b[None])[0][0], atol=1e-5)
+
+
+def test_canon_stays_causal_in_bidirectional_mode():
+  """With attention bidirectional, a model whose only token mixing is Canon must stay causal:
+  one short-conv layer (no attention, so nothing else mixes tokens) with Canon A/B/C/D."""
+  cfg = tiny_config("lfm2", "model.layer_pattern=C", "model.num_layers=1",
+                    "model.canon_set=ABCD", "model.attention=bidirectional")
+  params = random_params(cfg)
+  tokens = RNG.integers(0, cfg.vocab_size, (1, 9))
+  changed = tokens.copy()
+  changed[0, 6] = (changed[0, 6] + 1) % cfg.vocab_size
+  a, _ = forward(cfg, params, tokens)
+  b, _ = forward(cfg, params, changed)
+  np.testing.assert_allclose(a[0, :6], b[0, :6], atol=1e-6)
+  assert np.max(np.abs(a[0, 6:] - b[0, 6:])) > 1e-4
+
+
+@pytest.mark.parametrize("overrides,field", [
+    (["model.canon_set=AE"], "model.canon_set"),
+    (["model.canon_set=AA"], "model.canon_set"),
+    (["model.canon_kernel=0"], "model.canon_kernel"),
+])
+def test_bad_canon_settings(overrides, field):
+  with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
+    config.load("llama3", overrides)
+
+
+def test_moe_rejects_canon_d():
+  with pytest.raises(ConfigError, match="model.canon_set"):
+    config.load("moe", ["model.canon_set=D"])
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def canon_export(request, tmp_path_factory):
+  family = request.param
+  cfg = tiny_config(family, f"model.canon_set={CANON_SETS[family]}")
+  params = random_params(cfg, seed=7)
+  out = export_hf(cfg, params, tmp_path_factory.mktemp(f"canon_{family}"))
+  return cfg, params, out, load_torch_model(out)
+
+
+def test_canon_export_uses_custom_code_and_matches(canon_export):
+  cfg, params, out, model = canon_export
+  assert uses_custom_code(cfg)
+  assert (out / "modeling_dhara.py").is_file() and (out / "configuration_dhara.py").is_file()
+  assert type(model).__name__ == "DharaForCausalLM"
+  tokens = RNG.integers(0, cfg.vocab_size, (2, 13))
+  mask = np.ones((2, 13), np.int64)
+  mask[1, 9:] = 0  # right padding
+  ours = np.asarray(forward(cfg, params, tokens, mask.astype(np.int32))[0])
+  theirs = torch_logits(model, tokens, mask)
+  valid = mask.astype(bool)
+  np.testing.assert_allclose(ours[valid], theirs[valid], atol=1e-4, rtol=0)
+
+
+def test_canon_import_is_bit_identical(canon_export):
+  cfg, params, out, _ = canon_export
+  cfg_back, params_back = import_hf(out)
+  assert cfg_back == cfg
+  for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(params_back)):
+    assert np.array_equal(np.asarray(a), b)
+
+
+def test_dhara_70m_exports_with_custom_code(tmp_path):
+  """The real preset (at 2 layers to stay fast) exports and matches through trust_remote_code."""
+  cfg = config.load("configs/models/dhara_70m.yaml", ["model.num_layers=2",
+                                                      "model.vocab_size=512"]).model
+  params = random_params(cfg)
+  model = load_torch_model(export_hf(cfg, params, tmp_path))
+  tokens = RNG.integers(0, cfg.vocab_size, (1, 16))
+  np.testing.assert_allclose(np.asarray(forward(cfg, params, tokens)[0]),
+                             torch_logits(model, tokens), atol=1e-4, rtol=0)
