@@ -5,7 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from tiny import random_params, tiny_config
+from tiny import logits_before_after_change, random_params, tiny_config
 
 from dhara_jax import config
 from dhara_jax.config import FAMILIES
@@ -84,12 +84,8 @@ def test_canon_stays_causal_in_bidirectional_mode():
   one short-conv layer (no attention, so nothing else mixes tokens) with Canon A/B/C/D."""
   cfg = tiny_config("lfm2", "model.layer_pattern=C", "model.num_layers=1",
                     "model.canon_set=ABCD", "model.attention=bidirectional")
-  params = random_params(cfg)
-  tokens = RNG.integers(0, cfg.vocab_size, (1, 9))
-  changed = tokens.copy()
-  changed[0, 6] = (changed[0, 6] + 1) % cfg.vocab_size
-  a, _ = forward(cfg, params, tokens)
-  b, _ = forward(cfg, params, changed)
+  a, b = logits_before_after_change(cfg, random_params(cfg),
+                                    RNG.integers(0, cfg.vocab_size, (1, 9)), position=6)
   np.testing.assert_allclose(a[0, :6], b[0, :6], atol=1e-6)
   assert np.max(np.abs(a[0, 6:] - b[0, 6:])) > 1e-4
 

@@ -3,7 +3,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from tiny import tiny_config, random_params
+from tiny import logits_before_after_change, random_params, tiny_config
 
 from dhara_jax.config import FAMILIES
 from dhara_jax.model import forward, init_params
@@ -71,26 +71,18 @@ def test_causal_outputs_ignore_future_and_bidirectional_does_not(family):
   cfg = tiny_config(family)
   params = random_params(cfg)
   tokens = RNG.integers(0, cfg.vocab_size, (1, 10))
-  changed = tokens.copy()
-  changed[0, -1] = (changed[0, -1] + 1) % cfg.vocab_size
-  causal_a, _ = forward(cfg, params, tokens)
-  causal_b, _ = forward(cfg, params, changed)
+  causal_a, causal_b = logits_before_after_change(cfg, params, tokens, position=9)
   np.testing.assert_allclose(causal_a[0, :-1], causal_b[0, :-1], atol=1e-6)
   bi = tiny_config(family, "model.attention=bidirectional")
-  bi_a, _ = forward(bi, params, tokens)
-  bi_b, _ = forward(bi, params, changed)
+  bi_a, bi_b = logits_before_after_change(bi, params, tokens, position=9)
   assert np.max(np.abs(bi_a[0, :-1] - bi_b[0, :-1])) > 1e-4
 
 
 def test_sliding_window_limits_receptive_field():
   cfg = tiny_config("gemma3", "model.layer_pattern=L", "model.num_layers=1",
                     "model.sliding_window=3")
-  params = random_params(cfg)
-  tokens = RNG.integers(0, cfg.vocab_size, (1, 8))
-  changed = tokens.copy()
-  changed[0, 0] = (changed[0, 0] + 1) % cfg.vocab_size
-  a, _ = forward(cfg, params, tokens)
-  b, _ = forward(cfg, params, changed)
+  a, b = logits_before_after_change(cfg, random_params(cfg),
+                                    RNG.integers(0, cfg.vocab_size, (1, 8)), position=0)
   assert np.max(np.abs(a[0, :3] - b[0, :3])) > 1e-4   # positions 0..2 see token 0
   np.testing.assert_allclose(a[0, 3:], b[0, 3:], atol=1e-6)  # one local layer: no further
 

@@ -31,3 +31,13 @@ def random_params(cfg: ModelConfig, seed: int = 0):
   leaves = [np.asarray(x) + 0.05 * rng.standard_normal(x.shape).astype(np.float32)
             for x in leaves]
   return jax.tree.unflatten(treedef, leaves)
+
+
+def logits_before_after_change(cfg: ModelConfig, params, tokens, position: int):
+  """Logits for `tokens` and for `tokens` with the token at `position` changed: which outputs
+  move tells which positions can see `position`."""
+  from dhara_jax.model import forward
+
+  changed = np.array(tokens, copy=True)
+  changed[0, position] = (changed[0, position] + 1) % cfg.vocab_size
+  return np.asarray(forward(cfg, params, tokens)[0]), np.asarray(forward(cfg, params, changed)[0])
