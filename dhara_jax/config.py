@@ -117,9 +117,67 @@ class MeshConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class TrainConfig:
+  """Optimisation and run control. Defaults follow codelion/gpt-2-70m (REFERENCES §1.2):
+  AdamW, 5e-4 → 5e-5 cosine with 2% warmup."""
+
+  objective: str = "ar"
+  steps: int = 1000
+  batch_size: int = 8  # global sequences per optimizer step
+  grad_accum: int = 1  # microbatches per step; batch_size must divide evenly
+  lr: float = 5e-4
+  min_lr: float = 5e-5
+  schedule: str = "cosine"  # cosine | wsd | constant
+  warmup_fraction: float = 0.02
+  decay_fraction: float = 0.2  # wsd: the final fraction of steps decays to min_lr
+  weight_decay: float = 0.1
+  b1: float = 0.9
+  b2: float = 0.95
+  eps: float = 1e-8
+  clip_norm: float = 1.0  # global-norm gradient clipping; 0: off
+  seed: int = 0
+  log_every: int = 10
+  eval_every: int = 100  # held-out loss; 0: off
+  eval_batches: int = 4
+  checkpoint_every: int = 100
+  keep_checkpoints: int = 3
+  async_checkpoint: bool = True
+  multihost: bool = False  # call jax.distributed.initialize() (TPU pods, multi-node GPU)
+
+  def __post_init__(self) -> None:
+    def fail(field: str, why: str) -> typing.NoReturn:
+      raise ConfigError(f"train.{field}: {why}")
+
+    if self.objective not in ("ar",):
+      fail("objective", f"{self.objective!r} is not one of ar")
+    if self.schedule not in ("cosine", "wsd", "constant"):
+      fail("schedule", f"{self.schedule!r} is not one of cosine, wsd, constant")
+    for field in ("steps", "batch_size", "grad_accum", "eval_batches", "keep_checkpoints"):
+      if getattr(self, field) <= 0:
+        fail(field, f"must be positive, got {getattr(self, field)}")
+    for field in ("log_every", "eval_every", "checkpoint_every"):
+      if getattr(self, field) < 0:
+        fail(field, f"must be >= 0, got {getattr(self, field)}")
+    if self.batch_size % self.grad_accum:
+      fail("grad_accum", f"{self.grad_accum} does not divide batch_size={self.batch_size}")
+    for field in ("lr", "min_lr", "weight_decay", "eps", "clip_norm"):
+      value = getattr(self, field)
+      if not (math.isfinite(value) and value >= 0):
+        fail(field, f"must be a finite number >= 0, got {value}")
+    if self.min_lr > self.lr:
+      fail("min_lr", f"{self.min_lr} exceeds lr={self.lr}")
+    for field in ("warmup_fraction", "decay_fraction", "b1", "b2"):
+      if not 0 <= getattr(self, field) < 1:
+        fail(field, f"must be in [0, 1), got {getattr(self, field)}")
+    if self.warmup_fraction + (self.decay_fraction if self.schedule == "wsd" else 0) > 1:
+      fail("decay_fraction", "warmup_fraction + decay_fraction exceed 1")
+
+
+@dataclasses.dataclass(frozen=True)
 class Config:
   model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
   mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
+  train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
 
 
 _CHOICES = {
@@ -205,6 +263,11 @@ def _coerce(value: Any, typ: Any, where: str) -> Any:
   elif typ is float:
     if isinstance(value, (int, float)) and not isinstance(value, bool):
       return float(value)
+    if isinstance(value, str):  # YAML 1.1 reads "1e-3" (no dot) as a string
+      try:
+        return float(value)
+      except ValueError:
+        pass
   elif typ is str:
     if isinstance(value, str):
       return value
@@ -224,7 +287,7 @@ def _build(cls: type, raw: Mapping[str, Any], section: str) -> Any:
   return cls(**kwargs)
 
 
-_SECTIONS = {"model": ModelConfig, "mesh": MeshConfig}
+_SECTIONS = {"model": ModelConfig, "mesh": MeshConfig, "train": TrainConfig}
 
 
 def _merge(base: dict, override: Mapping) -> dict:

@@ -135,3 +135,17 @@ def test_bfloat16_compute_is_close_to_float32():
   bf16, _ = forward(tiny_config("llama3", "model.dtype=bfloat16"), params, tokens)
   assert bf16.dtype == jnp.float32  # logits are returned in float32
   assert float(jnp.max(jnp.abs(f32 - bf16))) < 0.1 * float(jnp.max(jnp.abs(f32)))
+
+
+@pytest.mark.parametrize("causal,window", [(True, 0), (True, 40), (False, 40), (False, 0)])
+def test_blocked_attention_equals_full(causal, window):
+  from dhara_jax.model.attention import blocked_attention, dot_product_attention
+  length = 300  # not a multiple of the query block
+  q = jnp.asarray(RNG.standard_normal((2, length, 4, 8)), jnp.float32)
+  k = jnp.asarray(RNG.standard_normal((2, length, 2, 8)), jnp.float32)
+  v = jnp.asarray(RNG.standard_normal((2, length, 2, 8)), jnp.float32)
+  seg = jnp.asarray(np.repeat([[1] * 170 + [2] * 100 + [0] * 30], 2, axis=0))
+  mask = attention_mask(seg, causal=causal, window=window)
+  full = dot_product_attention(q, k, v, mask, 0.3)
+  blocked = blocked_attention(q, k, v, mask, 0.3, causal=causal, window=window)
+  np.testing.assert_allclose(np.asarray(blocked), np.asarray(full), atol=1e-5)

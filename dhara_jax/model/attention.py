@@ -15,6 +15,7 @@ class Attention(nn.Module):
   cfg: ModelConfig
   rope_theta: float
   out_std: float
+  local: bool = False  # a sliding-window layer
 
   @nn.compact
   def __call__(self, x_BxLxD: jax.Array, positions_BxL: jax.Array, mask_Bx1xLxL: jax.Array,
@@ -50,11 +51,40 @@ class Attention(nn.Module):
       q_BxLxHxK = apply_rope(q_BxLxHxK, positions_BxL, self.rope_theta)
       k_BxLxGxK = apply_rope(k_BxLxGxK, positions_BxL, self.rope_theta)
 
-    out_BxLxHxK = dot_product_attention(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, mask_Bx1xLxL,
-                                        scale=(cfg.query_scale_dim or head_dim) ** -0.5)
+    out_BxLxHxK = blocked_attention(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, mask_Bx1xLxL,
+                                    scale=(cfg.query_scale_dim or head_dim) ** -0.5,
+                                    causal=cfg.attention == "causal",
+                                    window=cfg.sliding_window if self.local else 0)
     out_BxLxHK = out_BxLxHxK.reshape(batch, length, heads * head_dim)
     return Dense(d_model, ("q_heads", "embed"), cfg.use_bias, self.out_std, dtype,
                  name="o")(out_BxLxHK)
+
+
+QUERY_BLOCK = 128
+
+
+def blocked_attention(q_BxLxHxK: jax.Array, k_BxSxGxK: jax.Array, v_BxSxGxK: jax.Array,
+                      mask_Bx1xLxS: jax.Array, scale: float, causal: bool,
+                      window: int = 0) -> jax.Array:
+  """Attention computed per block of queries over only the keys the block can see.
+
+  Causal and sliding-window masks leave whole key ranges empty for a query block; skipping
+  them cuts the work by up to half (causal) and makes the score tensors smaller. The result
+  equals `dot_product_attention` over the full mask.
+  """
+  length = q_BxLxHxK.shape[1]
+  if length <= QUERY_BLOCK or (not causal and not window):
+    return dot_product_attention(q_BxLxHxK, k_BxSxGxK, v_BxSxGxK, mask_Bx1xLxS, scale)
+  outs = []
+  for start in range(0, length, QUERY_BLOCK):
+    end = min(start + QUERY_BLOCK, length)
+    key_start = max(0, start - window + 1) if window else 0
+    key_end = end if causal else min(length, end + window - 1)
+    outs.append(dot_product_attention(
+        q_BxLxHxK[:, start:end], k_BxSxGxK[:, key_start:key_end],
+        v_BxSxGxK[:, key_start:key_end], mask_Bx1xLxS[:, :, start:end, key_start:key_end],
+        scale))
+  return jnp.concatenate(outs, axis=1)
 
 
 def dot_product_attention(q_BxLxHxK: jax.Array, k_BxSxGxK: jax.Array, v_BxSxGxK: jax.Array,

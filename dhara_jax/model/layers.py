@@ -61,7 +61,10 @@ class Embed(nn.Module):
                                 (self.num_embeddings, self.features), jnp.float32)
 
   def __call__(self, ids: jax.Array) -> jax.Array:
-    return jnp.take(self.embedding, ids, axis=0).astype(self.dtype)
+    # Gather from a table whose FSDP-sharded feature dim is all-gathered first: GSPMD then
+    # keeps the lookup batch-sharded instead of rematerialising the whole activation.
+    table = nn.with_logical_constraint(self.embedding, (self.axes[0], None))
+    return jnp.take(table, ids, axis=0).astype(self.dtype)
 
   def attend(self, x_NxD: jax.Array) -> jax.Array:
     flat = x_NxD.reshape(-1, self.features).astype(self.dtype)

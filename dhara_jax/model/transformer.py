@@ -67,8 +67,8 @@ class Block(nn.Module):
       h_BxLxD = ShortConv(cfg, out_std, name="conv")(h_BxLxD, segment_ids_BxL)
     else:
       theta = cfg.local_rope_theta if self.kind == "L" else cfg.rope_theta
-      h_BxLxD = Attention(cfg, theta, out_std, name="attn")(h_BxLxD, positions_BxL, mask_Bx1xLxL,
-                                                           segment_ids_BxL)
+      attention = Attention(cfg, theta, out_std, local=self.kind == "L", name="attn")
+      h_BxLxD = attention(h_BxLxD, positions_BxL, mask_Bx1xLxL, segment_ids_BxL)
     if cfg.sandwich_norm:
       h_BxLxD = norm("post_mixer_norm")(h_BxLxD)
     x_BxLxD = x_BxLxD + h_BxLxD
