@@ -1,0 +1,1 @@
+"""Custom kernels (Pallas TPU/GPU with XLA fallbacks), one subpackage per op."""
