@@ -66,6 +66,8 @@ class ModelConfig:
   canon_residual: bool = True
   canon_bias: bool = False
   canon_activation: bool = False  # SiLU on the conv output (not recommended for transformers)
+  canon_impl: str = "auto"  # conv kernel: auto ($DHARA_CANON_IMPL, else by backend) | reference |
+  #                           xla | pallas_tpu | pallas_gpu
   # Embeddings and output.
   tie_embeddings: bool = True
   embed_scale: bool = False  # multiply token embeddings by sqrt(d_model) (Gemma)
@@ -187,6 +189,7 @@ _CHOICES = {
     "attention": ("causal", "bidirectional"),
     "mlp": ("gelu", "swiglu", "geglu"),
     "dtype": ("float32", "bfloat16"),
+    "canon_impl": ("auto", "reference", "xla", "pallas_tpu", "pallas_gpu"),
 }
 
 

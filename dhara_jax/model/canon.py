@@ -8,14 +8,17 @@ bidirectional (diffusion) mode so AR weights transfer 1:1, and taps reset at doc
 
 from __future__ import annotations
 
+import functools
 import math
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jax.sharding import PartitionSpec
+
 from dhara_jax.config import ModelConfig
-from dhara_jax.model.conv import causal_depthwise_conv
+from dhara_jax.kernels.canon import canon_conv, resolve_impl
 
 
 def torch_conv_init(kernel: int) -> nn.initializers.Initializer:
@@ -28,6 +31,26 @@ def torch_conv_init(kernel: int) -> nn.initializers.Initializer:
   return init
 
 
+def conv(cfg: ModelConfig, h_BxLxC: jax.Array, w_KxC: jax.Array,
+         segment_ids_BxL: jax.Array) -> jax.Array:
+  """The Canon conv with the configured kernel.
+
+  Under a multi-device mesh every kernel but the plain-jnp reference runs per batch shard in
+  `shard_map` (never split over time: the K-1 halo would cross devices). XLA cannot partition a
+  Pallas call at all, and its SPMD partitioner doubles the grouped-conv weight gradient when the
+  activations are replicated over `tensor` (seen with jax 0.10.2; tests/test_canon_model.py).
+  """
+  impl = None if cfg.canon_impl == "auto" else cfg.canon_impl
+  fn = functools.partial(canon_conv, impl=impl)
+  mesh = jax.sharding.get_abstract_mesh()
+  if resolve_impl(impl) != "reference" and not mesh.empty and mesh.size > 1:
+    rows = PartitionSpec(tuple(a for a in ("data", "fsdp") if a in mesh.axis_names) or None)
+    # check_vma=False: pallas_call outputs carry no varying-axes annotation.
+    fn = jax.shard_map(fn, mesh=mesh, in_specs=(rows, PartitionSpec(), rows), out_specs=rows,
+                       check_vma=False)
+  return fn(h_BxLxC, w_KxC, segment_ids_BxL)
+
+
 class Canon(nn.Module):
   cfg: ModelConfig
 
@@ -38,7 +61,7 @@ class Canon(nn.Module):
     w_KxC = self.param("kernel", nn.with_logical_partitioning(
         torch_conv_init(cfg.canon_kernel), ("conv_kernel", "canon_channels")),
                        (cfg.canon_kernel, channels), jnp.float32)
-    y_BxLxC = causal_depthwise_conv(h_BxLxC, w_KxC, segment_ids_BxL)
+    y_BxLxC = conv(cfg, h_BxLxC, w_KxC, segment_ids_BxL)
     if cfg.canon_bias:
       bias_C = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros,
                                                                ("canon_channels",)),

@@ -3,8 +3,8 @@
 Choice of implementation, first that applies: the `impl` argument, the environment variable
 DHARA_CANON_IMPL, then "auto" (TPU → pallas_tpu, GPU → pallas_gpu, CPU → CPU_IMPL). A Pallas
 path is compiled once per shape before use; if it does not lower on this backend, one warning is
-logged and that op runs on the XLA path instead. `interpret=True` runs the Pallas kernels in
-interpret mode (CPU tests).
+logged and that op runs on FALLBACK_IMPL instead. `interpret=True` (or DHARA_PALLAS_INTERPRET=1)
+runs the Pallas kernels in interpret mode (CPU tests).
 """
 
 from __future__ import annotations
@@ -21,11 +21,15 @@ from dhara_jax.kernels.canon import pallas_gpu, pallas_tpu, reference, xla
 from dhara_jax.kernels.canon.common import PallasOptions
 
 ENV_VAR = "DHARA_CANON_IMPL"
+INTERPRET_ENV_VAR = "DHARA_PALLAS_INTERPRET"
 IMPLS: dict[str, ModuleType] = {"reference": reference, "xla": xla, "pallas_tpu": pallas_tpu,
                                 "pallas_gpu": pallas_gpu}
 # bench/canon_kernel.py on the 2-core dev CPU: XLA:CPU's grouped conv is ~100× slower than the
 # fused shift-and-add (8×1024×768 f32 forward: ~360 ms vs ~4 ms).
 CPU_IMPL = "reference"
+# Where a Pallas kernel that does not lower goes: the fused shift-and-add, which XLA compiles
+# well on every backend (the grouped conv is the slow one on CPU, see above).
+FALLBACK_IMPL = "reference"
 _AUTO = {"tpu": "pallas_tpu", "gpu": "pallas_gpu", "cuda": "pallas_gpu", "rocm": "pallas_gpu"}
 
 _log = logging.getLogger(__name__)
@@ -73,20 +77,20 @@ def _lowers(impl: str, op: str, kwargs: tuple, specs: tuple, backend: str) -> bo
     if impl not in _warned:
       _warned.add(impl)
       reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
-      _log.warning("canon conv: %s does not lower on %s (%s); using the XLA path", impl,
-                   backend, reason)
+      _log.warning("canon conv: %s does not lower on %s (%s); using the %s path", impl,
+                   backend, reason, FALLBACK_IMPL)
     return False
 
 
 def _run(options: tuple[str, PallasOptions], op: str, *args, **kwargs) -> jax.Array:
-  """Runs `op` ("conv" or "weight_grad") of the chosen implementation, or of XLA if it can't."""
+  """Runs `op` ("conv" or "weight_grad") of the chosen implementation, or the fallback's."""
   impl, opts = options
   if impl.startswith("pallas"):
     pallas_kwargs = {**kwargs, "opts": opts}
     if opts.interpret or _lowers(impl, op, tuple(sorted(pallas_kwargs.items())),
                                  tuple(map(_spec, args)), jax.default_backend()):
       return getattr(IMPLS[impl], op)(*args, **pallas_kwargs)
-    impl = "xla"
+    impl = FALLBACK_IMPL
   return getattr(IMPLS[impl], op)(*args, **kwargs)
 
 
@@ -112,7 +116,8 @@ _canon_conv.defvjp(_canon_conv_fwd, _canon_conv_bwd)
 
 
 def canon_conv(x_BxLxC: jax.Array, w_KxC: jax.Array, segment_ids_BxL: jax.Array | None = None,
-               *, impl: str | None = None, interpret: bool = False, block_t: int | None = None,
+               *, impl: str | None = None, interpret: bool | None = None,
+               block_t: int | None = None,
                block_c: int | None = None) -> jax.Array:
   """Causal depthwise conv over time: out[t] = Σ_k w[k] · x[t-(K-1-k)], taps in the same segment.
 
@@ -123,9 +128,11 @@ def canon_conv(x_BxLxC: jax.Array, w_KxC: jax.Array, segment_ids_BxL: jax.Array 
   then cast to w's dtype).
 
   impl: reference | xla | pallas_tpu | pallas_gpu | auto (None: $DHARA_CANON_IMPL, else auto).
-  interpret: run Pallas kernels in interpret mode. block_t, block_c: Pallas tile sizes (None:
-  each kernel's default).
+  interpret: run Pallas kernels in interpret mode (None: $DHARA_PALLAS_INTERPRET == "1").
+  block_t, block_c: Pallas tile sizes (None: each kernel's default).
   """
   _check_args(x_BxLxC, w_KxC, segment_ids_BxL)
+  if interpret is None:
+    interpret = os.environ.get(INTERPRET_ENV_VAR) == "1"
   options = (resolve_impl(impl), PallasOptions(interpret, block_t, block_c))
   return _canon_conv(options, x_BxLxC, w_KxC, segment_ids_BxL)
