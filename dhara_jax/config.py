@@ -15,6 +15,7 @@ from typing import Any, Iterable, Mapping
 
 import yaml
 
+from data_pipeline.config import DataConfig
 from dhara_jax.errors import ConfigError
 
 CONFIG_ROOT = Path(__file__).resolve().parent.parent / "configs"
@@ -114,6 +115,7 @@ class MeshConfig:
 class Config:
   model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
   mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
+  data: DataConfig = dataclasses.field(default_factory=DataConfig)
 
 
 _CHOICES = {
@@ -214,7 +216,7 @@ def _build(cls: type, raw: Mapping[str, Any], section: str) -> Any:
   return cls(**kwargs)
 
 
-_SECTIONS = {"model": ModelConfig, "mesh": MeshConfig}
+_SECTIONS = {"model": ModelConfig, "mesh": MeshConfig, "data": DataConfig}
 
 
 def _merge(base: dict, override: Mapping) -> dict:
@@ -280,7 +282,9 @@ def from_dict(raw: Mapping[str, Any]) -> Config:
   unknown = sorted(set(raw) - set(_SECTIONS))
   if unknown:
     raise ConfigError(f"{unknown[0]}: unknown config section (known: {', '.join(_SECTIONS)})")
-  sections = {name: _build(cls, raw.get(name) or {}, name) for name, cls in _SECTIONS.items()}
+  # A section with nested values (data.sources) parses itself through `from_raw`.
+  sections = {name: cls.from_raw(raw.get(name) or {}) if hasattr(cls, "from_raw")
+              else _build(cls, raw.get(name) or {}, name) for name, cls in _SECTIONS.items()}
   return Config(**sections)
 
 
