@@ -29,6 +29,36 @@ def _quickstart(args: argparse.Namespace) -> int:
   return 0
 
 
+def _tokenizer_train(args: argparse.Namespace) -> int:
+  from data_pipeline import commands
+  from dhara_jax import config
+
+  commands.tokenizer_train(config.load(args.config, args.overrides))
+  return 0
+
+
+def _data_prepare(args: argparse.Namespace) -> int:
+  from data_pipeline import commands
+  from dhara_jax import config
+
+  commands.data_prepare(config.load(args.config, args.overrides), progress=not args.no_progress)
+  return 0
+
+
+def _data_tfds(args: argparse.Namespace) -> int:
+  from data_pipeline import commands
+  from dhara_jax import config
+
+  commands.data_tfds(config.load(args.config, args.overrides), args.out)
+  return 0
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+  p.add_argument("--config", default="data/mix",
+                 help="config file or preset with a data: section (default: data/mix)")
+  p.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. data.seed=1")
+
+
 def build_parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(prog="dhara", description=__doc__)
   sub = parser.add_subparsers(dest="command", required=True)
@@ -43,6 +73,24 @@ def build_parser() -> argparse.ArgumentParser:
   p = sub.add_parser("quickstart", help="small end-to-end run on the shipped data")
   p.add_argument("--out", default="runs/quickstart", help="output directory")
   p.set_defaults(func=_quickstart)
+
+  p = sub.add_parser("tokenizer", help="SentencePiece tokenizer of the data mix")
+  tok = p.add_subparsers(dest="action", required=True)
+  p = tok.add_parser("train", help="train on a sample of the configured mix; writes "
+                     "data.tokenizer")
+  _add_config_args(p)
+  p.set_defaults(func=_tokenizer_train)
+
+  p = sub.add_parser("data", help="data pipeline: token cache, TFDS export")
+  data = p.add_subparsers(dest="action", required=True)
+  p = data.add_parser("prepare", help="tokenize every source into data.cache_dir (resumable)")
+  _add_config_args(p)
+  p.add_argument("--no-progress", action="store_true", help="no progress bars")
+  p.set_defaults(func=_data_prepare)
+  p = data.add_parser("tfds", help="write every source as a TFDS array_record dataset")
+  _add_config_args(p)
+  p.add_argument("--out", required=True, help="output folder (one dataset per source)")
+  p.set_defaults(func=_data_tfds)
   return parser
 
 

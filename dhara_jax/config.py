@@ -15,6 +15,7 @@ from typing import Any, Iterable, Mapping
 
 import yaml
 
+from data_pipeline.config import DataConfig
 from dhara_jax.errors import ConfigError
 
 CONFIG_ROOT = Path(__file__).resolve().parent.parent / "configs"
@@ -125,8 +126,7 @@ class TrainConfig:
 
   objective: str = "ar"
   steps: int = 1000
-  batch_size: int = 8  # global sequences per optimizer step
-  grad_accum: int = 1  # microbatches per step; batch_size must divide evenly
+  grad_accum: int = 1  # microbatches per step; must divide data.batch_size (the global batch)
   lr: float = 5e-4
   min_lr: float = 5e-5
   schedule: str = "cosine"  # cosine | wsd | constant
@@ -154,14 +154,12 @@ class TrainConfig:
       fail("objective", f"{self.objective!r} is not one of ar")
     if self.schedule not in ("cosine", "wsd", "constant"):
       fail("schedule", f"{self.schedule!r} is not one of cosine, wsd, constant")
-    for field in ("steps", "batch_size", "grad_accum", "eval_batches", "keep_checkpoints"):
+    for field in ("steps", "grad_accum", "eval_batches", "keep_checkpoints"):
       if getattr(self, field) <= 0:
         fail(field, f"must be positive, got {getattr(self, field)}")
     for field in ("log_every", "eval_every", "checkpoint_every"):
       if getattr(self, field) < 0:
         fail(field, f"must be >= 0, got {getattr(self, field)}")
-    if self.batch_size % self.grad_accum:
-      fail("grad_accum", f"{self.grad_accum} does not divide batch_size={self.batch_size}")
     for field in ("lr", "min_lr", "weight_decay", "eps", "clip_norm"):
       value = getattr(self, field)
       if not (math.isfinite(value) and value >= 0):
@@ -179,7 +177,13 @@ class TrainConfig:
 class Config:
   model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
   mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
+  data: DataConfig = dataclasses.field(default_factory=DataConfig)
   train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+
+  def __post_init__(self) -> None:
+    if self.data.batch_size % self.train.grad_accum:
+      raise ConfigError(f"train.grad_accum: {self.train.grad_accum} does not divide "
+                        f"data.batch_size={self.data.batch_size}")
 
 
 _CHOICES = {
@@ -290,7 +294,8 @@ def _build(cls: type, raw: Mapping[str, Any], section: str) -> Any:
   return cls(**kwargs)
 
 
-_SECTIONS = {"model": ModelConfig, "mesh": MeshConfig, "train": TrainConfig}
+_SECTIONS = {"model": ModelConfig, "mesh": MeshConfig, "data": DataConfig,
+             "train": TrainConfig}
 
 
 def _merge(base: dict, override: Mapping) -> dict:
@@ -356,7 +361,9 @@ def from_dict(raw: Mapping[str, Any]) -> Config:
   unknown = sorted(set(raw) - set(_SECTIONS))
   if unknown:
     raise ConfigError(f"{unknown[0]}: unknown config section (known: {', '.join(_SECTIONS)})")
-  sections = {name: _build(cls, raw.get(name) or {}, name) for name, cls in _SECTIONS.items()}
+  # A section with nested values (data.sources) parses itself through `from_raw`.
+  sections = {name: cls.from_raw(raw.get(name) or {}) if hasattr(cls, "from_raw")
+              else _build(cls, raw.get(name) or {}, name) for name, cls in _SECTIONS.items()}
   return Config(**sections)
 
 

@@ -1,0 +1,96 @@
+"""Data pipeline tokens/s on this machine: raw text and token cache -> packed, mixed batches.
+
+Both paths run the shipped 50/30/20 sample mix (configs/data/mix.yaml, shipped 4,096-token
+tokenizer) through `make_train_iterator` (numpy batches, this process only) for --tokens
+tokens after one warm-up batch. The reference is what a training step of the quickstart-size
+model consumes: forward + backward (jit, next-token loss, no optimizer: the training loop does
+not exist yet) of the quickstart's llama3 shape with the tokenizer's vocabulary, same CPU. The
+target is a ratio of at least 10x.
+
+  python bench/data_pipeline.py [--tokens 4000000 --seq 1024 --batch 8 --threads 4]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib.util
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+# This script shares the package's name: keep its folder off the path so `data_pipeline` is
+# the package, and load the sibling benchmark (for its timed training step) by file.
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != HERE]
+_spec = importlib.util.spec_from_file_location("fwd_bwd", HERE / "forward_backward_vs_torch.py")
+fwd_bwd = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(fwd_bwd)
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from data_pipeline.cache import prepare
+from data_pipeline.iterator import make_train_iterator
+from data_pipeline.mixture import tokens_per_source
+from data_pipeline.tokenizer import load_tokenizer
+from dhara_jax import config
+from dhara_jax.model import init_params
+from dhara_jax.quickstart import SMALL
+
+
+def time_pipeline(cfg, tokenizer, tokens: int) -> tuple[float, np.ndarray]:
+  it = make_train_iterator(cfg, tokenizer=tokenizer)
+  next(it)  # warm up: opens files, starts the read threads
+  counts = np.zeros(len(cfg.sources))
+  start = time.perf_counter()
+  while counts.sum() < tokens:
+    counts += tokens_per_source(next(it), len(cfg.sources))
+  return counts.sum() / (time.perf_counter() - start), counts / counts.sum()
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--config", default="data/mix")
+  parser.add_argument("--tokens", type=int, default=4_000_000)
+  parser.add_argument("--seq", type=int, default=1024)
+  parser.add_argument("--batch", type=int, default=8)
+  parser.add_argument("--threads", type=int, default=4, help="data.read_threads")
+  parser.add_argument("--train-steps", type=int, default=5)
+  args = parser.parse_args()
+
+  cfg = config.load(args.config)
+  data = dataclasses.replace(cfg.data, seq_len=args.seq, batch_size=args.batch,
+                             read_threads=args.threads)
+  tokenizer = load_tokenizer(data.tokenizer)
+  print(f"mix {data.weights}, seq_len {args.seq}, batch {args.batch}, "
+        f"{args.threads} read threads, {os.cpu_count()} CPUs")
+
+  raw_tps, shares = time_pipeline(data, tokenizer, args.tokens)
+  print(f"raw text -> batches   {raw_tps:12,.0f} tok/s  (shares {np.round(shares, 4).tolist()})")
+  with tempfile.TemporaryDirectory() as tmp:
+    cached = dataclasses.replace(data, cache_dir=tmp)
+    start = time.perf_counter()
+    manifest = prepare(cached, tokenizer, progress=False, log=lambda _: None)
+    total = sum(s["tokens"] for s in manifest["sources"].values())
+    print(f"data prepare (cache)  {total / (time.perf_counter() - start):12,.0f} tok/s  "
+          f"({total:,} tokens)")
+    cache_tps, shares = time_pipeline(cached, tokenizer, args.tokens)
+  print(f"cache -> batches      {cache_tps:12,.0f} tok/s  (shares {np.round(shares, 4).tolist()})")
+
+  model = config.load("llama3", SMALL + [f"model.vocab_size={tokenizer.vocab_size}"]).model
+  params = init_params(model, jax.random.key(0))
+  batch = np.random.default_rng(0).integers(0, model.vocab_size, (8, model.max_seq_len))
+  step_s, _ = fwd_bwd.time_jax(model, params, jnp.asarray(batch, jnp.int32), args.train_steps)
+  train_tps = batch.size / step_s
+  print(f"quickstart model fwd+bwd {train_tps:9,.0f} tok/s  (llama3 d {model.d_model}, "
+        f"{model.num_layers} layers, B·T 8·{model.max_seq_len})")
+  print(f"ratio data/training: raw {raw_tps / train_tps:.0f}x, cache {cache_tps / train_tps:.0f}x "
+        "(target >= 10x)")
+
+
+if __name__ == "__main__":
+  main()

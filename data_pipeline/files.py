@@ -1,0 +1,30 @@
+"""Writes that never leave a half-written file behind: temp file in the same folder + rename."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
+def temp_beside(path: Path) -> tuple[int, str]:
+  """An open temp file next to `path` with the permissions a plain `open` would give."""
+  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+  os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600 files
+  return fd, tmp
+
+
+def atomic_write(path: str | Path, data: bytes | str) -> None:
+  path = Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  fd, tmp = temp_beside(path)
+  try:
+    with os.fdopen(fd, "wb") as f:
+      f.write(data.encode() if isinstance(data, str) else data)
+    os.replace(tmp, path)
+  except BaseException:
+    Path(tmp).unlink(missing_ok=True)
+    raise
