@@ -15,6 +15,7 @@ import importlib
 _EXPORTS = {
     "DataConfig": "data_pipeline.config", "SourceConfig": "data_pipeline.config",
     "make_train_iterator": "data_pipeline.iterator", "TrainIterator": "data_pipeline.iterator",
+    "make_eval_iterator": "data_pipeline.iterator",
     "host_dataset": "data_pipeline.iterator",
     "Tokenizer": "data_pipeline.tokenizer", "load_tokenizer": "data_pipeline.tokenizer",
     "train_tokenizer": "data_pipeline.tokenizer",

@@ -49,6 +49,9 @@ class DataConfig:
   batch_size: int = 8  # global rows per step, over all processes
   seed: int = 0
   num_epochs: int = 0  # passes over each source; 0: repeat forever
+  # Held-out split: this fraction of each source's documents (its last ones) is never trained
+  # on; `make_eval_iterator` reads only them.
+  eval_fraction: float = 0.05
   targets: bool = False  # add next-token `targets` and `target_mask` (packs seq_len + 1)
   # Tokenizer: the SentencePiece model file the pipeline reads and `dhara tokenizer train` writes.
   tokenizer: str = "runs/tokenizer/mix_50k.model"
@@ -155,6 +158,8 @@ def _validate(c: DataConfig) -> None:
   for field in ("seed", "num_epochs"):
     if getattr(c, field) < 0:
       fail(field, f"must be >= 0, got {getattr(c, field)}")
+  if not 0 <= c.eval_fraction < 0.5:
+    fail("eval_fraction", f"must be in [0, 0.5), got {c.eval_fraction}")
   if c.seed >= 2**32:
     fail("seed", f"must be below 2**32, got {c.seed}")
   if c.tokenizer_vocab_size < 261:  # 5 specials + 256 byte-fallback pieces

@@ -39,14 +39,27 @@ def _nonempty(ids: np.ndarray) -> bool:
   return len(ids) > 0
 
 
-def source_documents(cfg: DataConfig, tokenizer: Tokenizer) -> dict[int, grain.MapDataset]:
-  """Token ids (no EOS) of every document of each weighted source, by source index."""
+SPLITS = ("train", "eval")
+
+
+def split_documents(docs: grain.MapDataset, fraction: float, split: str) -> grain.MapDataset:
+  """The train or held-out part of one source: held-out = its last `fraction` of documents
+  (at least one when fraction > 0, never all of them)."""
+  n = len(docs)
+  held = min(n - 1, max(1, round(n * fraction))) if fraction > 0 else 0
+  return docs[:n - held] if split == "train" else docs[n - held:]
+
+
+def source_documents(cfg: DataConfig, tokenizer: Tokenizer,
+                     split: str = "train") -> dict[int, grain.MapDataset]:
+  """Token ids (no EOS) of one split's documents of each weighted source, by source index."""
   cached = open_cache(cfg, tokenizer) if cfg.cache_dir else None
   out = {}
   for i, s in enumerate(cfg.sources):
     if s.weight > 0:
-      out[i] = (grain.MapDataset.source(cached[s.name]) if cached is not None else
-                grain.MapDataset.source(open_source(cfg, i)).map(tokenizer.encode))
+      docs = (grain.MapDataset.source(cached[s.name]) if cached is not None else
+              grain.MapDataset.source(open_source(cfg, i)).map(tokenizer.encode))
+      out[i] = split_documents(docs, cfg.eval_fraction, split)
   return out
 
 
@@ -66,14 +79,16 @@ def source_rows(docs: grain.MapDataset, cfg: DataConfig, index: int, eos_id: int
 
 
 def host_dataset(cfg: DataConfig, tokenizer: Tokenizer, process_index: int = 0,
-                 process_count: int = 1) -> grain.IterDataset:
-  """This process's batches (numpy, batch_size / process_count rows)."""
+                 process_count: int = 1, split: str = "train") -> grain.IterDataset:
+  """This process's batches (numpy, batch_size / process_count rows) of one split."""
   if not 0 <= process_index < process_count:
     raise ConfigError(f"process_index {process_index} is not in [0, {process_count})")
   if cfg.batch_size % process_count:
     raise ConfigError(f"data.batch_size: {cfg.batch_size} rows do not split over "
                       f"{process_count} processes")
-  docs = source_documents(cfg, tokenizer)
+  if split == "eval" and not cfg.eval_fraction:
+    raise ConfigError("data.eval_fraction: 0 leaves no held-out documents to evaluate on")
+  docs = source_documents(cfg, tokenizer, split)
   streams = {i: source_rows(d, cfg, i, tokenizer.eos_id, process_index, process_count)
              for i, d in docs.items()}
   ds = mix(streams, {i: cfg.sources[i].weight for i in streams})
@@ -104,6 +119,7 @@ class TrainIterator(grain.DatasetIterator):
     self._pipeline = {"sources": [[s.name, s.weight] for s in cfg.sources], "seed": cfg.seed,
                       "seq_len": cfg.seq_len, "batch_size": cfg.batch_size,
                       "num_epochs": cfg.num_epochs, "targets": cfg.targets,
+                      "eval_fraction": cfg.eval_fraction,
                       "process_count": process_count, "tokenizer_sha256": tokenizer.sha256}
 
   def __next__(self) -> dict[str, Any]:
@@ -129,15 +145,18 @@ class TrainIterator(grain.DatasetIterator):
 
 def make_train_iterator(cfg: DataConfig, mesh: Mesh | None = None, *,
                         tokenizer: Tokenizer | None = None, process_index: int | None = None,
-                        process_count: int | None = None) -> TrainIterator:
+                        process_count: int | None = None, split: str = "train") -> TrainIterator:
   """The training batches of `cfg` for this process.
 
   Each batch is {tokens, segment_ids, positions: [B, L] int32, source: [B] int32 (index into
   cfg.sources)}, plus {targets: [B, L] int32, target_mask: [B, L] bool} with `data.targets`.
   With a mesh, every value is a global jax.Array (batch over data × fsdp); process_index and
   process_count then default to JAX's. Without one, the values are this process's numpy rows
-  (process_index / process_count may simulate other hosts).
+  (process_index / process_count may simulate other hosts). `split="eval"` reads the held-out
+  documents instead (see `make_eval_iterator`).
   """
+  if split not in SPLITS:
+    raise ConfigError(f"split {split!r} is not one of {', '.join(SPLITS)}")
   tokenizer = tokenizer or load_tokenizer(cfg.tokenizer)
   if mesh is not None:
     if (process_index, process_count) not in ((None, None),
@@ -151,5 +170,12 @@ def make_train_iterator(cfg: DataConfig, mesh: Mesh | None = None, *,
                         f"data × fsdp = {dp} devices")
   process_index = 0 if process_index is None else process_index
   process_count = 1 if process_count is None else process_count
-  local = iter(host_dataset(cfg, tokenizer, process_index, process_count))
+  local = iter(host_dataset(cfg, tokenizer, process_index, process_count, split))
   return TrainIterator(local, cfg, tokenizer, mesh, process_count)
+
+
+def make_eval_iterator(cfg: DataConfig, mesh: Mesh | None = None, *,
+                       tokenizer: Tokenizer | None = None) -> TrainIterator:
+  """Batches of the held-out documents, mixed like training. Every call starts the same
+  stream, so each evaluation sees the same batches."""
+  return make_train_iterator(cfg, mesh, tokenizer=tokenizer, split="eval")

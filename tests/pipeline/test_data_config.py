@@ -57,6 +57,7 @@ BAD = [
     (["data.batch_size=-2"], r"data\.batch_size"),
     (["data.tokenizer_vocab_size=100"], r"data\.tokenizer_vocab_size"),
     (["data.shuffle=true"], r"data\.shuffle: unknown field"),
+    (["data.eval_fraction=0.7"], r"data\.eval_fraction"),
 ]
 
 

@@ -221,7 +221,7 @@ def test_targets_are_the_next_tokens(data_cfg, tokenizer):
 def test_empty_documents_are_skipped(data_cfg, tokenizer, tmp_path):
   write_jsonl(tmp_path / "e.jsonl", [{"text": t} for t in ["one", "", "two", None, "three"]])
   cfg = with_sources(data_cfg, SourceConfig(name="e", path=str(tmp_path / "e.jsonl")),
-                     batch_size=1, seq_len=64, num_epochs=1)
+                     batch_size=1, seq_len=64, num_epochs=1, eval_fraction=0.0)
   docs, _ = documents_of(take(make_train_iterator(cfg, tokenizer=tokenizer), 1), tokenizer.eos_id)
   assert sorted(tokenizer.decode(d) for d in docs) == ["one", "three", "two"]
 
@@ -230,7 +230,8 @@ def test_process_split_errors(data_cfg, tokenizer, tmp_path):
   with pytest.raises(ConfigError, match=r"data\.batch_size: 8 rows do not split over 3"):
     make_train_iterator(data_cfg, tokenizer=tokenizer, process_index=0, process_count=3)
   write_jsonl(tmp_path / "two.jsonl", [{"text": "a"}, {"text": "b"}])
-  cfg = with_sources(data_cfg, SourceConfig(name="two", path=str(tmp_path / "two.jsonl")))
+  cfg = with_sources(data_cfg, SourceConfig(name="two", path=str(tmp_path / "two.jsonl")),
+                     eval_fraction=0.0)
   with pytest.raises(DharaError, match=r"data\.sources\[0\]: 2 documents cannot be split over 4"):
     make_train_iterator(cfg, tokenizer=tokenizer, process_index=0, process_count=4)
 
@@ -254,3 +255,18 @@ def test_hub_source_is_downloaded_once(data_cfg, tokenizer, tmp_path, monkeypatc
     next(make_train_iterator(cfg, tokenizer=tokenizer))
   assert calls == ["codelion/dclm-baseline-1B"]
   assert list((tmp_path / "hub" / "codelion" / "dclm-baseline-1B").glob("*.parquet"))
+
+
+def test_held_out_documents_are_never_trained_on(data_cfg, tokenizer):
+  from data_pipeline.iterator import make_eval_iterator
+
+  for index, train_docs in source_documents(data_cfg, tokenizer, "train").items():
+    held = source_documents(data_cfg, tokenizer, "eval")[index]
+    n = len(train_docs) + len(held)
+    assert len(held) == max(1, round(n * data_cfg.eval_fraction))
+    train_set = {tuple(train_docs[i].tolist()) for i in range(len(train_docs))}
+    assert not train_set & {tuple(held[i].tolist()) for i in range(len(held))}
+  a = take(make_eval_iterator(data_cfg, tokenizer=tokenizer), 3)
+  b = take(make_eval_iterator(data_cfg, tokenizer=tokenizer), 3)
+  assert_same_batches(a, b)  # every evaluation sees the same batches
+  assert set(np.unique(np.concatenate([x["source"] for x in a]))) == {0, 1, 2}
