@@ -22,10 +22,48 @@ def _params(args: argparse.Namespace) -> int:
 def _quickstart(args: argparse.Namespace) -> int:
   from dhara_jax import quickstart
 
-  summary = quickstart.run(args.out)
+  summary = quickstart.run(args.out, args.config, tuple(args.overrides))
   print(f"summary: {args.out}/summary.json")
   if not summary["ok"]:
-    raise DharaError("quickstart: a parity or import check failed (see summary.json)")
+    raise DharaError("quickstart: held-out loss did not fall, or export parity / import failed "
+                     "(see summary.json)")
+  return 0
+
+
+def _train(args: argparse.Namespace) -> int:
+  from pathlib import Path
+
+  from dhara_jax import config, loop
+
+  cfg = config.load(args.config, args.overrides)
+  run_dir = Path(args.run_dir or Path("runs") / Path(args.config).stem)
+  summary = loop.run(cfg, run_dir, stop_at=args.steps, progress=not args.no_progress)
+  print(f"run: {run_dir}  steps {summary['start_step']}→{summary['steps']}  "
+        f"loss {summary['final_loss']}  held-out {summary['eval_loss']}")
+  return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+  from dhara_jax.runs import export_run
+
+  out = export_run(args.run_dir, args.out, args.step, args.code)
+  print(f"exported: {out}")
+  return 0
+
+
+def _import(args: argparse.Namespace) -> int:
+  from dhara_jax import config
+  from dhara_jax.runs import import_into_run
+
+  base = config.load(args.config, args.overrides) if args.config else None
+  print(f"imported into: {import_into_run(args.hf_dir, args.run_dir, base)}")
+  return 0
+
+
+def _plot(args: argparse.Namespace) -> int:
+  from dhara_jax.plot import plot_run
+
+  print(f"wrote: {plot_run(args.run_dir, args.out)}")
   return 0
 
 
@@ -70,8 +108,39 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--seq-len", type=int, default=None, help="context for FLOPs (default: max)")
   p.set_defaults(func=_params)
 
+  p = sub.add_parser("train", help="train (resumes from the run dir's latest checkpoint)")
+  p.add_argument("config", help="config file or preset")
+  p.add_argument("overrides", nargs="*", help="section.key=value overrides")
+  p.add_argument("--run-dir", default=None, help="default: runs/<config name>")
+  p.add_argument("--steps", type=int, default=None,
+                 help="stop at this step (the schedule still spans train.steps)")
+  p.add_argument("--no-progress", action="store_true", help="no progress bar")
+  p.set_defaults(func=_train)
+
+  p = sub.add_parser("export", help="a run's checkpoint → transformers directory")
+  p.add_argument("run_dir")
+  p.add_argument("--out", required=True)
+  p.add_argument("--step", type=int, default=None, help="default: latest checkpoint")
+  p.add_argument("--code", choices=("auto", "transformers", "custom"), default="auto",
+                 help="transformers class or custom code (auto: the class when it fits)")
+  p.set_defaults(func=_export)
+
+  p = sub.add_parser("import", help="transformers directory → a new run (step-0 checkpoint)")
+  p.add_argument("hf_dir")
+  p.add_argument("--run-dir", required=True)
+  p.add_argument("--config", default=None, help="train/data settings for the new run")
+  p.add_argument("overrides", nargs="*", help="section.key=value overrides")
+  p.set_defaults(func=_import)
+
+  p = sub.add_parser("plot", help="loss and learning-rate curves of a run as PNG")
+  p.add_argument("run_dir")
+  p.add_argument("--out", default=None, help="default: RUN_DIR/curves.png")
+  p.set_defaults(func=_plot)
+
   p = sub.add_parser("quickstart", help="small end-to-end run on the shipped data")
   p.add_argument("--out", default="runs/quickstart", help="output directory")
+  p.add_argument("--config", default="configs/runs/quickstart.yaml")
+  p.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. train.steps=50")
   p.set_defaults(func=_quickstart)
 
   p = sub.add_parser("tokenizer", help="SentencePiece tokenizer of the data mix")

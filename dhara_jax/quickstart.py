@@ -1,67 +1,101 @@
-"""`dhara quickstart`: a small end-to-end run on this machine.
+"""`dhara quickstart`: the whole path on the shipped data, in a few minutes on 2 CPU cores.
 
-For now: every family (and LLaMA3-Canon) is built at a small size, run forward (jit), exported to
-transformers (custom code for Canon), reloaded in PyTorch and compared logit by logit, and
-imported back bit-exactly. The summary goes
-to OUT/summary.json.
+1. Train a SentencePiece tokenizer on the shipped 50/30/20 mix.
+2. Train a tiny LLaMA3-Canon with the AR objective (held-out loss before and after).
+3. Sample a continuation.
+4. Export to PyTorch (custom code: Canon) and compare logits; import back bit-exactly.
+5. Write OUT/summary.json and OUT/loss_curve.png.
+
+Run again with the same OUT, it resumes (a finished run trains no further).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
-from dhara_jax import config
-from dhara_jax.config import FAMILIES
+from dhara_jax import config as config_lib
+from dhara_jax import loop
 from dhara_jax.errors import DharaError
 from dhara_jax.export import export_hf, import_hf
 from dhara_jax.export.parity import load_torch_model, torch_logits
-from dhara_jax.model import forward, init_params
-from dhara_jax.params import count_params
+from dhara_jax.generate import generate
+from dhara_jax.metrics import read_metrics
+from dhara_jax.model import forward
+from dhara_jax.plot import plot_run
 
-SMALL = ["model.vocab_size=1024", "model.d_model=128", "model.num_layers=6",
-         "model.num_heads=4", "model.num_kv_heads=2", "model.mlp_dim=256",
-         "model.max_seq_len=128"]
-SMALL_FAMILY = {"gpt2": ["model.num_kv_heads=4", "model.mlp_dim=512"],
-                "moe": ["model.num_experts=4", "model.moe_mlp_dim=64"],
-                "gemma3": ["model.sliding_window=16"]}
+CONFIG = "configs/runs/quickstart.yaml"
+PROMPT = "The history of science"
 PARITY_TOLERANCE = 1e-4
-# Every family through its transformers class, plus LLaMA3-Canon through custom code.
-PRESETS = FAMILIES + ("llama3_canon",)
 
 
-def run(out_dir: str | Path, families: tuple[str, ...] = PRESETS, seed: int = 0) -> dict:
-  out = Path(out_dir)
-  try:
-    out.mkdir(parents=True, exist_ok=True)
-  except OSError as e:
-    raise DharaError(f"quickstart: cannot create {out}: {e.strerror or e}") from None
-  tokens = np.random.default_rng(seed).integers(0, 1024, (2, 64)).astype(np.int32)
-  results = {}
-  for family in families:
-    started = time.perf_counter()
-    cfg = config.load(family, SMALL + SMALL_FAMILY.get(family, [])).model
-    params = init_params(cfg, jax.random.key(seed))
-    logits, _ = jax.jit(forward, static_argnums=0)(cfg, params, jnp.asarray(tokens))
-    hf_dir = export_hf(cfg, params, out / family)
-    theirs = torch_logits(load_torch_model(hf_dir), tokens)
-    max_diff = float(np.max(np.abs(np.asarray(logits) - theirs)))
-    cfg_back, params_back = import_hf(hf_dir)
-    exact = cfg_back == cfg and all(jax.tree.leaves(jax.tree.map(
-        lambda a, b: bool(np.array_equal(np.asarray(a), b)), params, params_back)))
-    results[family] = {"params": count_params(cfg)["total"], "max_abs_logit_diff": max_diff,
-                       "parity_ok": max_diff <= PARITY_TOLERANCE, "import_exact": exact,
-                       "seconds": round(time.perf_counter() - started, 2)}
-    r = results[family]
-    print(f"{family:12s} {r['params'] / 1e6:6.2f}M params  export→torch max |Δlogit| "
-          f"{max_diff:.2e} {'ok' if r['parity_ok'] else 'FAIL'}  import "
-          f"{'bit-exact' if exact else 'DIFFERS'}  ({r['seconds']}s)", flush=True)
-  summary = {"families": results,
-             "ok": all(r["parity_ok"] and r["import_exact"] for r in results.values())}
+def run(out_dir: str | Path, config: str = CONFIG, overrides: tuple[str, ...] = (),
+        log=print) -> dict:
+  out = loop.prepare_run_dir(Path(out_dir))
+  started = time.perf_counter()
+  tokenizer_path = out / "tokenizer" / "quickstart.model"
+  cfg = config_lib.load(config, [*overrides, f"data.tokenizer={tokenizer_path}"])
+
+  from data_pipeline import load_tokenizer, make_eval_iterator, train_tokenizer
+
+  if tokenizer_path.is_file():
+    tokenizer = load_tokenizer(tokenizer_path)
+  else:
+    log("1/5 tokenizer: SentencePiece BPE on the shipped mix")
+    tokenizer = train_tokenizer(cfg.data, cfg.model, log=lambda line: log(f"    {line}"))
+
+  log(f"2/5 training {cfg.model.family} (canon {cfg.model.canon_set or '-'}), "
+      f"{cfg.train.steps} steps of {cfg.data.batch_size}×{cfg.data.seq_len} tokens")
+  result = loop.run(cfg, out / "run")
+  params = jax.device_get(result["state"]["params"])
+  rows = read_metrics(out / "run")
+  evals = [r["eval_loss"] for r in rows if "eval_loss" in r]
+  if len(evals) < 2:
+    raise DharaError("quickstart: the run has no held-out losses to compare")
+
+  log("3/5 sampling")
+  ids = generate(cfg.model, params, tokenizer.encode(PROMPT).tolist(), max_new_tokens=48,
+                 temperature=0.8, seed=cfg.train.seed)
+  sample = PROMPT + tokenizer.decode(ids)
+  log(f"    {sample!r}")
+
+  log("4/5 export to PyTorch and back")
+  hf_dir = export_hf(cfg.model, params, out / "hf")
+  batch = next(make_eval_iterator(dataclasses.replace(cfg.data, batch_size=2),
+                                  tokenizer=tokenizer))
+  ours = np.asarray(forward(cfg.model, params, batch["tokens"])[0])
+  theirs = torch_logits(load_torch_model(hf_dir), batch["tokens"])
+  max_diff = float(np.max(np.abs(ours - theirs)))
+  cfg_back, params_back = import_hf(hf_dir)
+  exact = cfg_back == cfg.model and all(
+      np.array_equal(np.asarray(a), np.asarray(b))
+      for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(params_back)))
+
+  log("5/5 summary")
+  curve = plot_run(out / "run", out / "loss_curve.png")
+  trained = [r for r in rows if "loss" in r]
+  summary = {
+      "config": config, "model": dataclasses.asdict(cfg.model),
+      "tokenizer": {"path": str(tokenizer_path), "vocab_size": tokenizer.vocab_size},
+      "steps": result["steps"],
+      "train_loss": {"first": trained[0]["loss"], "last": trained[-1]["loss"]},
+      "held_out_loss": {"before": evals[0], "after": evals[-1]},
+      "held_out_loss_fell": evals[-1] < evals[0],
+      "tokens_per_second": float(np.median([r["tokens_per_second"] for r in trained])),
+      "sample": sample,
+      "export": {"dir": str(hf_dir), "max_abs_logit_diff": max_diff,
+                 "parity_ok": max_diff <= PARITY_TOLERANCE, "import_exact": exact},
+      "loss_curve": str(curve), "seconds": round(time.perf_counter() - started, 1),
+  }
+  summary["ok"] = (summary["held_out_loss_fell"] and summary["export"]["parity_ok"]
+                   and summary["export"]["import_exact"])
   (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+  log(f"    held-out loss {evals[0]:.3f} → {evals[-1]:.3f}; export max |Δlogit| "
+      f"{max_diff:.1e}; import {'bit-exact' if exact else 'DIFFERS'}; "
+      f"{summary['seconds']}s")
   return summary

@@ -9,6 +9,7 @@ sharding in every op's type).
 
 from __future__ import annotations
 
+import logging
 import math
 from typing import Any, Sequence
 
@@ -50,9 +51,13 @@ def make_mesh(cfg: MeshConfig, devices: Sequence[jax.Device] | None = None) -> M
       raise ConfigError(f"mesh: fsdp × tensor × data = {known} does not divide the "
                         f"{len(devices)} devices")
     sizes[sizes.index(-1)] = len(devices) // known
-  if math.prod(sizes) != len(devices):
-    raise ConfigError(f"mesh: data × fsdp × tensor = {math.prod(sizes)} but there are "
+  if math.prod(sizes) > len(devices):
+    raise ConfigError(f"mesh: data × fsdp × tensor = {math.prod(sizes)} but there are only "
                       f"{len(devices)} devices")
+  if math.prod(sizes) < len(devices):  # an explicit smaller mesh: use the first devices
+    logging.getLogger(__name__).warning("mesh uses %d of %d devices", math.prod(sizes),
+                                        len(devices))
+    devices = devices[:math.prod(sizes)]
   return jax.make_mesh(tuple(sizes), MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES),
                        devices=devices)
 

@@ -172,8 +172,11 @@ def _sgd_losses(cfg, params, tokens, seg, steps=3, lr=0.5):
 
 @pytest.fixture
 def interpret_pallas(monkeypatch):
-  """Pallas kernels run in interpret mode on CPU (the only way they run here)."""
+  """Pallas kernels run in interpret mode on CPU (the only way they run here). Afterwards, wait
+  for every interpreter callback: one still pending would deadlock the next test's eager ops."""
   monkeypatch.setenv("DHARA_PALLAS_INTERPRET", "1")
+  yield
+  jax.effects_barrier()
 
 
 def test_canon_abcd_trains_identically_with_every_kernel(interpret_pallas):
@@ -189,7 +192,12 @@ def test_canon_abcd_trains_identically_with_every_kernel(interpret_pallas):
                                err_msg=impl)
 
 
-@pytest.mark.parametrize("impl", KERNEL_IMPLS)
+# pallas_tpu is not in this list: its interpreter simulates the 8 devices' barriers with
+# callbacks that dispatch JAX ops, which deadlock against the test's own ops on this 2-core CPU.
+# The shard_map wrapping under test is the same code path for every non-reference kernel, and
+# pallas_tpu's values and gradients are checked on one device above and in
+# tests/test_canon_kernels.py.
+@pytest.mark.parametrize("impl", ["reference", "xla", "pallas_gpu"])
 def test_canon_gradients_on_a_mesh_equal_single_device(impl, interpret_pallas):
   """Guards the shard_map around non-reference kernels: without it, Pallas cannot be
   partitioned and XLA's partitioner doubled the grouped-conv weight gradient."""

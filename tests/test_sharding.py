@@ -21,7 +21,8 @@ def test_mesh_resolves_minus_one_and_rejects_bad_products():
   mesh = make_mesh(MeshConfig(data=-1, fsdp=2, tensor=2))
   assert dict(mesh.shape) == {"data": 2, "fsdp": 2, "tensor": 2}
   with pytest.raises(ConfigError, match="mesh"):
-    make_mesh(MeshConfig(data=3, fsdp=1, tensor=1))
+    make_mesh(MeshConfig(data=3, fsdp=3, tensor=1))
+  assert make_mesh(MeshConfig(data=1, fsdp=2, tensor=1)).size == 2  # a smaller explicit mesh
   with pytest.raises(ConfigError, match="mesh"):
     make_mesh(MeshConfig(data=-1, fsdp=3, tensor=1))
 

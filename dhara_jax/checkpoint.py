@@ -1,0 +1,95 @@
+"""Orbax checkpoints of a run: train state, data-iterator state, resolved config, tokenizer.
+
+Layout: RUN_DIR/checkpoints/<step>/{state, data, config, tokenizer}. The state is saved
+asynchronously where the manager allows it; a step directory appears only once complete, so a
+run killed mid-save resumes from the previous checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import grain
+import orbax.checkpoint as ocp
+from etils import epath
+
+from dhara_jax.errors import DharaError
+
+
+ORBAX_MARKERS = ("commit_success.txt",)
+
+
+class FileHandler(ocp.CheckpointHandler):
+  """Stores one small file (the tokenizer model) verbatim inside the checkpoint."""
+
+  def save(self, directory: epath.Path, args: "FileSave") -> None:
+    (directory / args.name).write_bytes(args.data)
+
+  def restore(self, directory: epath.Path, args: "FileRestore | None" = None) -> bytes:
+    files = [f for f in directory.iterdir()  # orbax adds its own markers to the item dir
+             if f.name not in ORBAX_MARKERS and not f.name.startswith("_")]
+    if len(files) != 1:
+      raise DharaError(f"checkpoint: expected one file in {directory}")
+    return files[0].read_bytes()
+
+  def metadata(self, directory: epath.Path) -> None:
+    return None
+
+
+@ocp.args.register_with_handler(FileHandler, for_save=True)
+@dataclasses.dataclass
+class FileSave(ocp.args.CheckpointArgs):
+  name: str
+  data: bytes
+
+
+@ocp.args.register_with_handler(FileHandler, for_restore=True)
+@dataclasses.dataclass
+class FileRestore(ocp.args.CheckpointArgs):
+  pass
+
+
+class Checkpointer:
+  def __init__(self, run_dir: Path, keep: int, async_save: bool = True):
+    self.directory = Path(run_dir).resolve() / "checkpoints"
+    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
+                                           enable_async_checkpointing=async_save)
+    self.manager = ocp.CheckpointManager(self.directory, options=options)
+
+  def latest_step(self) -> int | None:
+    return self.manager.latest_step()
+
+  def save(self, step: int, state: Any, data_iterator: Any, config: dict,
+           tokenizer: Path | None = None) -> None:
+    items = {"state": ocp.args.StandardSave(state), "config": ocp.args.JsonSave(config)}
+    if data_iterator is not None:
+      items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
+    if tokenizer is not None:
+      items["tokenizer"] = FileSave(Path(tokenizer).name, Path(tokenizer).read_bytes())
+    self.manager.save(step, args=ocp.args.Composite(**items), force=True)
+
+  def saved_config(self, step: int) -> dict:
+    return self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))[
+        "config"]
+
+  def restore(self, step: int, abstract_state: Any, data_iterator: Any) -> Any:
+    """Restores the state into the shardings of `abstract_state` (ShapeDtypeStructs), which
+    may be a different mesh than the one that saved it, and the iterator in place."""
+    items = {"state": ocp.args.StandardRestore(abstract_state)}
+    # A checkpoint made by `dhara import` has no data state: the stream then starts fresh.
+    if data_iterator is not None and (self.directory / str(step) / "data").exists():
+      items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
+    return self.manager.restore(step, args=ocp.args.Composite(**items))["state"]
+
+  def restore_tokenizer(self, step: int) -> bytes:
+    return self.manager.restore(step, args=ocp.args.Composite(tokenizer=FileRestore()))[
+        "tokenizer"]
+
+  def wait(self) -> None:
+    self.manager.wait_until_finished()
+
+  def close(self) -> None:
+    self.manager.close()
+

@@ -1,0 +1,181 @@
+"""`dhara train`: the training loop around the sharded train step.
+
+RUN_DIR holds config.yaml (resolved), the tokenizer, metrics.jsonl, tensorboard/ and
+checkpoints/. A run resumes from its latest checkpoint by default; a checkpoint is written every
+`train.checkpoint_every` steps and at the end, never for a non-finite loss.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import jax
+import yaml
+from jax.sharding import Mesh
+
+from dhara_jax import config as config_lib
+from dhara_jax.checkpoint import Checkpointer
+from dhara_jax.config import Config
+from dhara_jax.errors import DharaError
+from dhara_jax.metrics import MetricsWriter, mfu
+from dhara_jax.params import count_params
+from dhara_jax.sharding import make_mesh
+from dhara_jax.train import (abstract_state, build, init_state, make_eval_step,
+                             make_train_step)
+
+# Compute dtype and kernel choices may change between a run and its resumption; the rest of
+# the model section must match the checkpoint.
+NON_ARCH_FIELDS = ("dtype",)
+
+
+def prepare_run_dir(run_dir: Path) -> Path:
+  run_dir = Path(run_dir)
+  try:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    probe = run_dir / ".write_test"
+    probe.write_text("")
+    probe.unlink()
+  except OSError as e:
+    raise DharaError(f"train: run dir {run_dir} is not writable ({e.strerror or e})") from None
+  return run_dir
+
+
+def architecture_diff(saved_model: dict, model: dict) -> list[str]:
+  return [f"model.{k}: checkpoint {saved_model.get(k)!r}, config {v!r}" for k, v in model.items()
+          if k not in NON_ARCH_FIELDS and saved_model.get(k) != v]
+
+
+def evaluate(eval_step: Callable, params: Any, batches: Iterator[dict], count: int) -> float:
+  total, tokens = 0.0, 0.0
+  for _ in range(count):
+    out = eval_step(params, model_inputs(next(batches)))
+    total += float(out["loss_sum"])
+    tokens += float(out["tokens"])
+  return total / max(tokens, 1.0)
+
+
+@dataclasses.dataclass
+class Data:
+  """What the loop needs from the data pipeline."""
+
+  train: Any  # iterator of batch dicts with get_state / set_state (grain DatasetIterator)
+  eval_batches: Callable[[], Iterator[dict]] | None  # a fresh held-out iterator per evaluation
+  tokenizer_path: Path | None
+
+
+MODEL_INPUTS = ("tokens", "segment_ids", "positions")
+
+
+def pipeline_data(cfg: Config, mesh: Mesh) -> Data:
+  """The configured data pipeline: train batches, held-out batches, the tokenizer file."""
+  from data_pipeline import (check_tokenizer_fits, load_tokenizer, make_eval_iterator,
+                             make_train_iterator)
+
+  tokenizer = load_tokenizer(cfg.data.tokenizer)
+  check_tokenizer_fits(tokenizer, cfg.model)
+  train = make_train_iterator(cfg.data, mesh, tokenizer=tokenizer)
+  held_out = None
+  if cfg.data.eval_fraction > 0:
+    held_out = lambda: make_eval_iterator(cfg.data, mesh, tokenizer=tokenizer)
+  return Data(train, held_out, tokenizer.path)
+
+
+def model_inputs(batch: dict) -> dict:
+  return {k: batch[k] for k in MODEL_INPUTS if k in batch}
+
+
+def run(cfg: Config, run_dir: Path, data: Callable[[Config, Mesh], Data] = pipeline_data, *,
+        stop_at: int | None = None, progress: bool = True) -> dict:
+  """Trains until `train.steps` (or `stop_at`, if earlier); returns a summary dict."""
+  run_dir = prepare_run_dir(run_dir)
+  if cfg.train.multihost:
+    jax.distributed.initialize()
+  mesh = make_mesh(cfg.mesh)
+  data = data(cfg, mesh)
+  tx, shardings = build(cfg, mesh)
+  resolved = config_lib.to_dict(cfg)
+  with contextlib.ExitStack() as cleanup:
+    checkpoints = Checkpointer(run_dir, cfg.train.keep_checkpoints, cfg.train.async_checkpoint)
+    cleanup.callback(checkpoints.close)
+    cleanup.callback(checkpoints.wait)  # runs first: pending async saves finish, even on errors
+    latest = checkpoints.latest_step()
+    if latest is not None:
+      problems = architecture_diff(checkpoints.saved_config(latest)["model"], resolved["model"])
+      if problems:
+        raise DharaError(f"train: {run_dir} holds a checkpoint of another architecture "
+                         f"({problems[0]}); use a new --run-dir")
+      state = checkpoints.restore(latest, abstract_state(cfg, tx, shardings), data.train)
+    else:
+      state = init_state(cfg, mesh, tx, shardings)
+      (run_dir / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
+      if data.tokenizer_path is not None:
+        shutil.copyfile(data.tokenizer_path, run_dir / data.tokenizer_path.name)
+    metrics = MetricsWriter(run_dir, resume_step=latest)
+    cleanup.callback(metrics.close)
+    return _loop(cfg, mesh, tx, shardings, state, data, checkpoints, metrics, resolved,
+                 start=latest or 0, last=min(cfg.train.steps, stop_at or cfg.train.steps),
+                 last_good=latest, progress=progress)
+
+
+def _loop(cfg: Config, mesh: Mesh, tx: Any, shardings: Any, state: Any, data: Data,
+          checkpoints: Checkpointer, metrics: MetricsWriter, resolved: dict, *, start: int,
+          last: int, last_good: int | None, progress: bool) -> dict:
+  train_step = make_train_step(cfg, mesh, tx, shardings)
+  eval_step = make_eval_step(cfg, mesh, shardings)
+  flops_per_token = count_params(cfg.model)["flops_per_token"]
+  held_out = lambda params: evaluate(eval_step, params, data.eval_batches(),
+                                     cfg.train.eval_batches)
+  evaluating = data.eval_batches is not None and cfg.train.eval_every > 0
+  bar = _progress(progress, start, last)
+  loss = eval_loss = None
+  if start == 0 and evaluating:
+    eval_loss = held_out(state["params"])
+    metrics.write({"step": 0, "eval_loss": eval_loss})
+  for step in range(start + 1, last + 1):
+    started = time.perf_counter()
+    state, out = train_step(state, model_inputs(next(data.train)))
+    loss = float(out["loss"])  # also waits for the step: timings below are real
+    grad_norm, param_norm = float(out["grad_norm"]), float(out["param_norm"])
+    if not all(map(math.isfinite, (loss, grad_norm, param_norm))):
+      kept = (f"last good checkpoint is step {last_good} in {checkpoints.directory}"
+              if last_good is not None else "no checkpoint was written")
+      raise DharaError(f"train: non-finite values at step {step} (loss {loss}, grad norm "
+                       f"{grad_norm}, param norm {param_norm}); stopped, {kept}")
+    tokens_per_second = float(out["tokens"]) / (time.perf_counter() - started)
+    row = {"step": step, "loss": loss, "perplexity": math.exp(min(loss, 50.0)),
+           "lr": float(out["lr"]), "grad_norm": grad_norm, "param_norm": param_norm,
+           "tokens_per_second": tokens_per_second,
+           "mfu": mfu(flops_per_token, tokens_per_second)}
+    if evaluating and (step % cfg.train.eval_every == 0 or step == last):
+      eval_loss = row["eval_loss"] = held_out(state["params"])
+    metrics.write(row)
+    if (cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0) or step == last:
+      checkpoints.save(step, state, data.train, resolved, data.tokenizer_path)
+      last_good = step
+    bar(step, loss)
+  return {"steps": last, "start_step": start, "final_loss": loss, "eval_loss": eval_loss,
+          "state": state}
+
+
+def _progress(enabled: bool, start: int, last: int) -> Callable[[int, float], None]:
+  if not enabled or jax.process_index() != 0:
+    return lambda step, loss: None
+  from tqdm import tqdm
+
+  bar = tqdm(total=last, initial=start, unit="step", dynamic_ncols=True,
+             disable=not os.isatty(2) and None)
+
+  def update(step: int, loss: float) -> None:
+    bar.update(1)
+    bar.set_postfix(loss=f"{loss:.3f}")
+    if step == last:
+      bar.close()
+
+  return update

@@ -1,0 +1,73 @@
+"""Run metrics: RUN_DIR/metrics.jsonl (one JSON object per step) and TensorBoard scalars."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import jax
+
+# Dense bf16 peak FLOP/s per device, for MFU. CPUs have no entry: MFU is reported as null there.
+PEAK_FLOPS = (
+    ("H200", 989e12), ("H100", 989e12), ("A100", 312e12), ("L4", 121e12),
+    ("TPU v6", 918e12), ("TPU v5p", 459e12), ("TPU v5 lite", 197e12), ("TPU v5e", 197e12),
+    ("TPU v4", 275e12),
+)
+
+
+def peak_flops(device: jax.Device) -> float | None:
+  kind = getattr(device, "device_kind", "")
+  return next((peak for name, peak in PEAK_FLOPS if name.lower() in kind.lower()), None)
+
+
+def mfu(flops_per_token: float, tokens_per_second: float) -> float | None:
+  peak = peak_flops(jax.devices()[0])
+  if peak is None:
+    return None
+  return flops_per_token * tokens_per_second / (peak * jax.device_count())
+
+
+class MetricsWriter:
+  """Appends one line per step. On resume from checkpoint step k, rows after k (written before
+  the run was killed, and about to be recomputed) are dropped first; a run that starts from no
+  checkpoint (resume_step None) drops every old row."""
+
+  def __init__(self, run_dir: Path, resume_step: int | None, tensorboard: bool = True):
+    self.path = Path(run_dir) / "metrics.jsonl"
+    self._truncate_after(-1 if resume_step is None else resume_step)
+    self._file = self.path.open("a")
+    self._tb = None
+    if tensorboard and jax.process_index() == 0:
+      from tensorboardX import SummaryWriter
+
+      self._tb = SummaryWriter(str(Path(run_dir) / "tensorboard"))
+
+  def _truncate_after(self, step: int) -> None:
+    if not self.path.exists():
+      return
+    kept = [line for line in self.path.read_text().splitlines()
+            if line.strip() and json.loads(line)["step"] <= step]
+    tmp = self.path.with_suffix(".jsonl.tmp")
+    tmp.write_text("".join(line + "\n" for line in kept))
+    os.replace(tmp, self.path)
+
+  def write(self, row: dict[str, Any]) -> None:
+    self._file.write(json.dumps(row) + "\n")
+    self._file.flush()
+    if self._tb is not None:
+      for key, value in row.items():
+        if key != "step" and isinstance(value, (int, float)) and math.isfinite(value):
+          self._tb.add_scalar(key, value, row["step"])
+
+  def close(self) -> None:
+    self._file.close()
+    if self._tb is not None:
+      self._tb.close()
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+  path = Path(run_dir) / "metrics.jsonl"
+  return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

@@ -1,0 +1,73 @@
+"""Run directories as units: export a run's checkpoint, import weights into a new run."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import jax
+import yaml
+
+from dhara_jax import config as config_lib
+from dhara_jax.checkpoint import Checkpointer
+from dhara_jax.config import Config, MeshConfig
+from dhara_jax.errors import DharaError
+from dhara_jax.export import export_hf, import_hf
+from dhara_jax.loop import prepare_run_dir
+from dhara_jax.sharding import make_mesh
+from dhara_jax.train import abstract_state, build, fresh_state
+
+SINGLE_DEVICE = MeshConfig(data=1, fsdp=1, tensor=1)
+
+
+def load_run_config(run_dir: Path) -> Config:
+  path = Path(run_dir) / "config.yaml"
+  if not path.is_file():
+    raise DharaError(f"run: {path} not found (is {run_dir} a dhara run directory?)")
+  return config_lib.load(path)
+
+
+def restore_params(run_dir: Path, step: int | None = None) -> tuple[Config, Any, int]:
+  """The run's config and the parameters of checkpoint `step` (default: latest), on one device."""
+  cfg = dataclasses.replace(load_run_config(run_dir), mesh=SINGLE_DEVICE)
+  checkpoints = Checkpointer(run_dir, keep=1_000_000, async_save=False)
+  step = checkpoints.latest_step() if step is None else step
+  if step is None:
+    raise DharaError(f"run: {run_dir} has no checkpoint yet")
+  mesh = make_mesh(cfg.mesh, jax.devices()[:1])
+  tx, shardings = build(cfg, mesh)
+  try:
+    state = checkpoints.restore(step, abstract_state(cfg, tx, shardings), None)
+  except FileNotFoundError:
+    raise DharaError(f"run: {run_dir} has no checkpoint for step {step}") from None
+  finally:
+    checkpoints.close()
+  return cfg, state["params"], step
+
+
+def export_run(run_dir: Path, out: Path, step: int | None = None, code: str = "auto") -> Path:
+  cfg, params, _ = restore_params(run_dir, step)
+  return export_hf(cfg.model, params, out, code)
+
+
+def import_into_run(hf_dir: Path, run_dir: Path, base: Config | None = None) -> Path:
+  """A new run whose step-0 checkpoint holds the imported weights (fresh optimizer state);
+  `dhara train RUN_DIR/config.yaml --run-dir RUN_DIR` continues from it."""
+  model, params = import_hf(hf_dir)
+  cfg = dataclasses.replace(base or Config(), model=model, mesh=SINGLE_DEVICE)
+  run_dir = prepare_run_dir(run_dir)
+  checkpoints = Checkpointer(run_dir, keep=cfg.train.keep_checkpoints, async_save=False)
+  if checkpoints.latest_step() is not None:
+    raise DharaError(f"import: {run_dir} already holds checkpoints; use an empty --run-dir")
+  mesh = make_mesh(cfg.mesh, jax.devices()[:1])
+  tx, shardings = build(cfg, mesh)
+  state = jax.device_put(fresh_state(cfg, tx, jax.random.key(cfg.train.seed)), shardings)
+  state["params"] = jax.device_put(params, shardings["params"])
+  state["opt_state"] = jax.device_put(tx.init(state["params"]), shardings["opt_state"])
+  resolved = config_lib.to_dict(cfg)
+  (run_dir / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
+  checkpoints.save(0, state, None, resolved)
+  checkpoints.wait()
+  checkpoints.close()
+  return run_dir

@@ -1,0 +1,139 @@
+"""Train state, the sharded train step and the held-out eval step.
+
+The state is a plain dict {params, opt_state, step}: parameters and AdamW moments in float32
+(the model computes in `model.dtype`), sharded by the logical rules. One `jax.jit` per step
+function, with explicit in/out shardings; the train step donates the old state.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from dhara_jax.config import Config
+from dhara_jax.model import forward, init_params
+from dhara_jax.objectives import ar_loss
+from dhara_jax.optim import learning_rate, optimizer
+from dhara_jax.sharding import axis_rules, batch_sharding, param_shardings
+
+State = dict[str, Any]
+Batch = dict[str, jax.Array]
+
+
+def state_shardings(cfg: Config, mesh: Mesh, tx: optax.GradientTransformation) -> State:
+  """Shardings of the whole state: optimizer moments follow their parameters."""
+  params = param_shardings(cfg.model, mesh)
+  replicated = NamedSharding(mesh, PartitionSpec())
+  abstract_params = jax.eval_shape(lambda: init_params(cfg.model, jax.random.key(0)))
+  opt = optax.tree_map_params(tx, lambda _, sharding: sharding, jax.eval_shape(tx.init, abstract_params),
+                              params, transform_non_params=lambda _: replicated,
+                              is_leaf=lambda x: isinstance(x, NamedSharding))
+  return {"params": params, "opt_state": opt, "step": replicated}
+
+
+def fresh_state(cfg: Config, tx: optax.GradientTransformation, key: jax.Array) -> State:
+  params = init_params(cfg.model, key)
+  return {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32)}
+
+
+def abstract_state(cfg: Config, tx: optax.GradientTransformation, shardings: State) -> State:
+  """ShapeDtypeStructs of the state in `shardings`: the target of a restore on any mesh."""
+  shapes = jax.eval_shape(lambda: fresh_state(cfg, tx, jax.random.key(0)))
+  return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                      shapes, shardings)
+
+
+def init_state(cfg: Config, mesh: Mesh, tx: optax.GradientTransformation,
+               shardings: State) -> State:
+  """Fresh state created directly in its shardings (no full copy on one device)."""
+  with jax.set_mesh(mesh), axis_rules():
+    return jax.jit(functools.partial(fresh_state, cfg, tx), out_shardings=shardings)(
+        jax.random.key(cfg.train.seed))
+
+
+def loss_sum(cfg: Config, params: Any, batch: Batch) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+  """(loss sum + aux, (loss sum, token count)) for one microbatch."""
+  logits_BxLxV, aux = forward(cfg.model, params, batch["tokens"], batch["segment_ids"],
+                              batch.get("positions"))
+  total, count = ar_loss(logits_BxLxV, batch["tokens"], batch["segment_ids"])
+  # The auxiliary (MoE balance) loss is per microbatch; weight it by the tokens it saw so that
+  # the final division by the batch's token count leaves it at its configured weight.
+  return total + aux * count, (total, count)
+
+
+def make_train_step(cfg: Config, mesh: Mesh, tx: optax.GradientTransformation,
+                    shardings: State) -> Callable[[State, Batch], tuple[State, dict]]:
+  """jit(step) over the mesh: grad accumulation over `train.grad_accum` microbatches, one
+  normalisation by the batch's token count, clipping + AdamW, metrics."""
+  accum = cfg.train.grad_accum
+  schedule = learning_rate(cfg.train)
+  batch_shards = mesh.shape["data"] * mesh.shape["fsdp"]
+
+  def split_microbatches(x: jax.Array) -> jax.Array:
+    """(B, ...) → (accum, B/accum, ...) taking every device's local rows in equal parts, so
+    each microbatch stays spread over all batch shards (no data movement)."""
+    if x.shape[0] % (batch_shards * accum):
+      return x.reshape(accum, x.shape[0] // accum, *x.shape[1:])
+    local = x.shape[0] // batch_shards
+    x = x.reshape(batch_shards, accum, local // accum, *x.shape[1:])
+    return jnp.swapaxes(x, 0, 1).reshape(accum, x.shape[0] * x.shape[2], *x.shape[3:])
+
+  def step(state: State, batch: Batch) -> tuple[State, dict]:
+    params = state["params"]
+    micro = jax.tree.map(split_microbatches, batch)
+    grad_fn = jax.grad(functools.partial(loss_sum, cfg), has_aux=True)
+
+    def accumulate(carry, microbatch):
+      grads, total, count = carry
+      g, (t, c) = grad_fn(params, microbatch)
+      return (jax.tree.map(jnp.add, grads, g), total + t, count + c), None
+
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    (grads, total, count), _ = jax.lax.scan(
+        accumulate, (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32)), micro)
+    count = jnp.maximum(count, 1.0)
+    grads = jax.tree.map(lambda g: g / count, grads)
+    updates, opt_state = tx.update(grads, state["opt_state"], params)
+    new_params = optax.apply_updates(params, updates)
+    new_state = {"params": new_params, "opt_state": opt_state, "step": state["step"] + 1}
+    # param_norm lets the loop refuse to checkpoint a state that overflowed in this update.
+    metrics = {"loss": total / count, "grad_norm": optax.tree.norm(grads),
+               "param_norm": optax.tree.norm(new_params), "lr": schedule(state["step"]),
+               "tokens": count}
+    return new_state, metrics
+
+  replicated = NamedSharding(mesh, PartitionSpec())
+  jitted = jax.jit(step, in_shardings=(shardings, batch_sharding(mesh)),
+                   out_shardings=(shardings, replicated), donate_argnums=0)
+  return _under_mesh(jitted, mesh)
+
+
+def make_eval_step(cfg: Config, mesh: Mesh, shardings: State) -> Callable[[Any, Batch], dict]:
+  """jit(params, batch) → {loss sum, token count} on held-out data."""
+  def evaluate(params: Any, batch: Batch) -> dict:
+    _, (total, count) = loss_sum(cfg, params, batch)
+    return {"loss_sum": total, "tokens": count}
+
+  replicated = NamedSharding(mesh, PartitionSpec())
+  jitted = jax.jit(evaluate, in_shardings=(shardings["params"], batch_sharding(mesh)),
+                   out_shardings=replicated)
+  return _under_mesh(jitted, mesh)
+
+
+def _under_mesh(fn: Callable, mesh: Mesh) -> Callable:
+  """Calls fn with the mesh and logical rules active (for the modules' sharding constraints)."""
+  @functools.wraps(fn)
+  def wrapped(*args):
+    with jax.set_mesh(mesh), axis_rules():
+      return fn(*args)
+  return wrapped
+
+
+def build(cfg: Config, mesh: Mesh) -> tuple[optax.GradientTransformation, State]:
+  tx = optimizer(cfg.train)
+  return tx, state_shardings(cfg, mesh, tx)

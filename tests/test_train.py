@@ -1,0 +1,212 @@
+"""Training: objective, schedules, sharded step, loop, checkpoints, resume, failures."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from dhara_jax import config
+from dhara_jax.config import MeshConfig
+from dhara_jax.errors import DharaError
+from dhara_jax.loop import run
+from dhara_jax.metrics import read_metrics
+from dhara_jax.objectives import ar_loss, next_token_targets
+from dhara_jax.optim import decay_mask, learning_rate
+from dhara_jax.sharding import make_mesh
+from dhara_jax.train import build, init_state, make_train_step
+
+TINY_RUN = ["model.d_model=32", "model.num_layers=2", "model.num_heads=2", "model.num_kv_heads=1",
+            "model.mlp_dim=64", "model.max_seq_len=32", "data.seq_len=32", "data.batch_size=8",
+            "train.steps=6", "train.eval_every=2", "train.eval_batches=1",
+            "train.checkpoint_every=2", "train.warmup_fraction=0.2", "data.read_threads=1"]
+
+
+def tiny_run(*overrides):
+  return config.load("configs/runs/quickstart.yaml", TINY_RUN + list(overrides))
+
+
+def losses(run_dir):
+  return [r["loss"] for r in read_metrics(run_dir) if "loss" in r]
+
+
+def test_next_token_targets_respect_documents_and_padding():
+  tokens = jnp.array([[5, 6, 7, 8, 9, 3]])
+  seg = jnp.array([[1, 1, 1, 2, 2, 0]])
+  targets, weights = next_token_targets(tokens, seg)
+  np.testing.assert_array_equal(targets[0, :5], [6, 7, 8, 9, 3])
+  # 7→8 crosses a document boundary, 9→pad and pad→end are not predictions.
+  np.testing.assert_array_equal(weights[0], [1, 1, 0, 1, 0, 0])
+  logits = jnp.zeros((1, 6, 11))
+  total, count = ar_loss(logits, tokens, seg)
+  assert float(count) == 3 and np.isclose(float(total), 3 * np.log(11))
+
+
+def test_learning_rate_schedules():
+  cosine = learning_rate(config.TrainConfig(steps=100, lr=1.0, min_lr=0.1, warmup_fraction=0.1))
+  assert float(cosine(0)) == 0 and np.isclose(float(cosine(10)), 1.0)
+  assert np.isclose(float(cosine(100)), 0.1) and float(cosine(50)) < 1.0
+  wsd = learning_rate(config.TrainConfig(steps=100, lr=1.0, min_lr=0.1, schedule="wsd",
+                                         warmup_fraction=0.1, decay_fraction=0.2))
+  assert np.isclose(float(wsd(10)), 1.0) and np.isclose(float(wsd(79)), 1.0)
+  assert np.isclose(float(wsd(90)), 0.55) and np.isclose(float(wsd(100)), 0.1)
+
+
+def test_weight_decay_mask():
+  cfg = tiny_run("model.canon_set=ABCD").model
+  from dhara_jax.model import init_params
+  mask = decay_mask(init_params(cfg, jax.random.key(0)))
+  assert mask["layers_0"]["attn"]["q"]["kernel"] and mask["layers_0"]["mlp"]["down"]["kernel"]
+  assert not mask["embed"]["embedding"] and not mask["final_norm"]["scale"]
+  assert not mask["layers_0"]["canon_a"]["kernel"]
+
+
+def _step_losses(cfg, mesh_cfg, batches):
+  mesh = make_mesh(mesh_cfg, jax.devices()[:mesh_cfg.data * mesh_cfg.fsdp * mesh_cfg.tensor])
+  tx, shardings = build(cfg, mesh)
+  state = init_state(cfg, mesh, tx, shardings)
+  step = make_train_step(cfg, mesh, tx, shardings)
+  out = []
+  for batch in batches:
+    state, metrics = step(state, batch)
+    out.append(float(metrics["loss"]))
+  return np.array(out)
+
+
+def test_gradient_accumulation_equals_one_big_batch():
+  rng = np.random.default_rng(0)
+  batches = [{"tokens": rng.integers(0, 4096, (8, 32)).astype(np.int32),
+              "segment_ids": np.repeat([[1] * 20 + [2] * 12], 8, 0).astype(np.int32)}
+             for _ in range(3)]
+  one = _step_losses(tiny_run(), MeshConfig(1, 1, 1), batches)
+  for accum, mesh in ((4, MeshConfig(1, 1, 1)), (2, MeshConfig(2, 2, 2))):
+    got = _step_losses(tiny_run(f"train.grad_accum={accum}"), mesh, batches)
+    np.testing.assert_allclose(got, one, rtol=1e-5)
+
+
+def test_one_device_and_eight_devices_agree(tmp_path):
+  """The same run on 1 device and on 2×2×2 fake devices: losses within 1e-5 relative."""
+  single = run(tiny_run("train.steps=5", "mesh.data=1", "mesh.fsdp=1", "mesh.tensor=1"),
+               tmp_path / "one", progress=False)
+  for name, mesh in (("dft", ["mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"]),
+                     ("fsdp", ["mesh.data=1", "mesh.fsdp=8", "mesh.tensor=1"])):
+    sharded = run(tiny_run("train.steps=5", *mesh), tmp_path / name, progress=False)
+    np.testing.assert_allclose(losses(tmp_path / name), losses(tmp_path / "one"), rtol=1e-5)
+    assert np.isclose(sharded["eval_loss"], single["eval_loss"], rtol=1e-5)
+
+
+def test_restore_onto_a_different_mesh_continues_the_run(tmp_path):
+  straight = tmp_path / "straight"
+  run(tiny_run(), straight, progress=False)
+  moved = tmp_path / "moved"
+  run(tiny_run("mesh.data=1", "mesh.fsdp=1", "mesh.tensor=1"), moved, stop_at=2, progress=False)
+  run(tiny_run("mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"), moved, progress=False)
+  np.testing.assert_allclose(losses(moved), losses(straight), rtol=1e-5)
+
+
+def test_run_dir_contents_and_tokenizer_in_checkpoint(tmp_path):
+  from dhara_jax.checkpoint import Checkpointer
+  from dhara_jax.plot import plot_run
+
+  summary = run(tiny_run(), tmp_path, progress=False)
+  rows = read_metrics(tmp_path)
+  assert [r["step"] for r in rows] == list(range(0, 7))  # step 0: held-out loss before training
+  assert all({"loss", "lr", "grad_norm", "tokens_per_second"} <= set(r) for r in rows[1:])
+  assert {"eval_loss"} <= set(rows[0]) and "eval_loss" in rows[2]
+  assert (tmp_path / "config.yaml").is_file() and (tmp_path / "sample_4k.model").is_file()
+  assert list((tmp_path / "tensorboard").iterdir())
+  checkpoints = Checkpointer(tmp_path, keep=3)
+  assert checkpoints.latest_step() == 6 == summary["steps"]
+  assert checkpoints.restore_tokenizer(6) == (tmp_path / "sample_4k.model").read_bytes()
+  checkpoints.close()
+  png = plot_run(tmp_path)
+  assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_other_architecture_and_unwritable_dir_are_refused(tmp_path):
+  run(tiny_run("train.steps=2"), tmp_path, progress=False)
+  with pytest.raises(DharaError, match="another architecture.*model.d_model"):
+    run(tiny_run("model.d_model=64"), tmp_path, progress=False)
+  blocker = tmp_path / "file"
+  blocker.write_text("")
+  with pytest.raises(DharaError, match="not writable"):
+    run(tiny_run(), blocker / "run", progress=False)
+
+
+def _dhara(*args, **kwargs):
+  return subprocess.run([sys.executable, "-m", "dhara_jax.cli", *args], capture_output=True,
+                        text=True, **kwargs)
+
+
+def test_nan_stops_with_one_line_and_keeps_last_good_checkpoint(tmp_path):
+  proc = _dhara("train", "configs/runs/quickstart.yaml", *TINY_RUN, "train.lr=1e6", "train.min_lr=0",
+                "train.clip_norm=0", "train.warmup_fraction=0", "train.checkpoint_every=1",
+                "--run-dir", str(tmp_path), "--no-progress")
+  assert proc.returncode == 2
+  line = proc.stderr.strip().splitlines()[-1]
+  assert line.startswith("error: train: non-finite values at step ")
+  bad_step = int(line.split("at step ")[1].split()[0])
+  saved = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
+  assert saved and max(saved) == bad_step - 1 and f"step {bad_step - 1}" in line
+
+
+def test_export_and_import_of_a_run(tmp_path):
+  from dhara_jax.export.parity import load_torch_model, torch_logits
+  from dhara_jax.model import forward
+  from dhara_jax.runs import import_into_run, restore_params
+
+  run(tiny_run("train.steps=2"), tmp_path / "run", progress=False)
+  proc = _dhara("export", str(tmp_path / "run"), "--out", str(tmp_path / "hf"))
+  assert proc.returncode == 0, proc.stderr
+  cfg, params, step = restore_params(tmp_path / "run")
+  tokens = np.random.default_rng(0).integers(0, cfg.model.vocab_size, (1, 16))
+  np.testing.assert_allclose(np.asarray(forward(cfg.model, params, tokens)[0]),
+                             torch_logits(load_torch_model(tmp_path / "hf"), tokens), atol=1e-4)
+  import_into_run(tmp_path / "hf", tmp_path / "imported")
+  cfg2, params2, step2 = restore_params(tmp_path / "imported")
+  assert step2 == 0 and cfg2.model == cfg.model
+  for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(params2)):
+    assert np.array_equal(np.asarray(a), np.asarray(b))
+
+
+def _run_until_killed(args, run_dir, kill_after_step):
+  """Starts `dhara train`, SIGKILLs it once metrics.jsonl shows `kill_after_step`."""
+  proc = subprocess.Popen([sys.executable, "-m", "dhara_jax.cli", *args],
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  metrics = run_dir / "metrics.jsonl"
+  deadline = time.time() + 300
+  while time.time() < deadline and proc.poll() is None:
+    if metrics.exists() and any(json.loads(l).get("step", -1) >= kill_after_step
+                                for l in metrics.read_text().splitlines() if l.strip()):
+      os.kill(proc.pid, signal.SIGKILL)
+      break
+    time.sleep(0.02)
+  proc.wait()
+  assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+
+
+@pytest.mark.slow
+def test_kill_resume_is_exact(tmp_path):
+  """SIGKILL at two different steps, resume each time: the losses equal an uninterrupted run's
+  bit for bit."""
+  overrides = [*TINY_RUN, "train.steps=14", "train.checkpoint_every=3", "train.eval_every=4"]
+  straight = tmp_path / "straight"
+  proc = _dhara("train", "configs/runs/quickstart.yaml", *overrides, "--run-dir", str(straight),
+                "--no-progress")
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  killed = tmp_path / "killed"
+  args = ["train", "configs/runs/quickstart.yaml", *overrides, "--run-dir", str(killed),
+          "--no-progress"]
+  _run_until_killed(args, killed, kill_after_step=4)
+  _run_until_killed(args, killed, kill_after_step=10)
+  proc = _dhara(*args)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert losses(killed) == losses(straight)
+  eval_of = lambda d: [(r["step"], r["eval_loss"]) for r in read_metrics(d) if "eval_loss" in r]
+  assert eval_of(killed) == eval_of(straight)
