@@ -2,10 +2,9 @@
 
 Both paths run the shipped 50/30/20 sample mix (configs/data/mix.yaml, shipped 4,096-token
 tokenizer) through `make_train_iterator` (numpy batches, this process only) for --tokens
-tokens after one warm-up batch. The reference is what a training step of the quickstart-size
-model consumes: forward + backward (jit, next-token loss, no optimizer: the training loop does
-not exist yet) of the quickstart's llama3 shape with the tokenizer's vocabulary, same CPU. The
-target is a ratio of at least 10x.
+tokens after one warm-up batch. The reference is what a training step of the quickstart model
+consumes: the full dhara-jax train step (forward, backward, AdamW) of configs/runs/quickstart.yaml
+at --seq × --batch, same CPU. The target is a ratio of at least 10x.
 
   python bench/data_pipeline.py [--tokens 4000000 --seq 1024 --batch 8 --threads 4]
 """
@@ -14,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib.util
 import os
 import sys
 import tempfile
@@ -23,14 +21,9 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 # This script shares the package's name: keep its folder off the path so `data_pipeline` is
-# the package, and load the sibling benchmark (for its timed training step) by file.
+# the package.
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != HERE]
-_spec = importlib.util.spec_from_file_location("fwd_bwd", HERE / "forward_backward_vs_torch.py")
-fwd_bwd = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(fwd_bwd)
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from data_pipeline.cache import prepare
@@ -38,8 +31,7 @@ from data_pipeline.iterator import make_train_iterator
 from data_pipeline.mixture import tokens_per_source
 from data_pipeline.tokenizer import load_tokenizer
 from dhara_jax import config
-from dhara_jax.model import init_params
-from dhara_jax.quickstart import SMALL
+from dhara_jax.benchmarking import train_step_seconds
 
 
 def time_pipeline(cfg, tokenizer, tokens: int) -> tuple[float, np.ndarray]:
@@ -81,13 +73,12 @@ def main() -> None:
     cache_tps, shares = time_pipeline(cached, tokenizer, args.tokens)
   print(f"cache -> batches      {cache_tps:12,.0f} tok/s  (shares {np.round(shares, 4).tolist()})")
 
-  model = config.load("llama3", SMALL + [f"model.vocab_size={tokenizer.vocab_size}"]).model
-  params = init_params(model, jax.random.key(0))
-  batch = np.random.default_rng(0).integers(0, model.vocab_size, (8, model.max_seq_len))
-  step_s, _ = fwd_bwd.time_jax(model, params, jnp.asarray(batch, jnp.int32), args.train_steps)
-  train_tps = batch.size / step_s
-  print(f"quickstart model fwd+bwd {train_tps:9,.0f} tok/s  (llama3 d {model.d_model}, "
-        f"{model.num_layers} layers, B·T 8·{model.max_seq_len})")
+  run = config.load("configs/runs/quickstart.yaml", [f"model.max_seq_len={args.seq}"])
+  batch = np.random.default_rng(0).integers(0, run.model.vocab_size, (args.batch, args.seq))
+  train_tps = batch.size / train_step_seconds(run, batch, args.train_steps)
+  print(f"quickstart train step {train_tps:12,.0f} tok/s  ({run.model.family} d "
+        f"{run.model.d_model}, {run.model.num_layers} layers, canon "
+        f"{run.model.canon_set or '-'}, B·T {args.batch}·{args.seq})")
   print(f"ratio data/training: raw {raw_tps / train_tps:.0f}x, cache {cache_tps / train_tps:.0f}x "
         "(target >= 10x)")
 

@@ -12,12 +12,12 @@ import argparse
 import os
 import tempfile
 import time
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from dhara_jax import config
+from dhara_jax.benchmarking import seconds_per_call
 from dhara_jax.export import export_hf
 from dhara_jax.export.parity import load_torch_model
 from dhara_jax.model import forward, init_params
@@ -33,13 +33,8 @@ def next_token_loss(cfg, params, tokens_BxL):
 
 def time_jax(cfg, params, tokens, steps: int) -> tuple[float, float]:
   step = jax.jit(jax.value_and_grad(lambda p, t: next_token_loss(cfg, p, t)))
-  loss, grads = step(params, tokens)  # compile + warm up
-  jax.block_until_ready(grads)
-  start = time.perf_counter()
-  for _ in range(steps):
-    loss, grads = step(params, tokens)
-  jax.block_until_ready(grads)
-  return (time.perf_counter() - start) / steps, float(loss)
+  seconds = seconds_per_call(lambda: step(params, tokens), steps)
+  return seconds, float(step(params, tokens)[0])
 
 
 def time_torch(model, tokens, steps: int, dtype: str) -> tuple[float, float]:

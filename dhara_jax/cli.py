@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from dhara_jax.errors import DharaError
@@ -173,6 +174,9 @@ def main(argv: list[str] | None = None) -> int:
   except KeyboardInterrupt:
     print("error: interrupted", file=sys.stderr)
     return 130
+  except BrokenPipeError:  # e.g. `dhara params ... | head`: the reader left, nothing to report
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    return 0
 
 
 if __name__ == "__main__":

@@ -145,6 +145,7 @@ class TrainConfig:
   keep_checkpoints: int = 3
   async_checkpoint: bool = True
   multihost: bool = False  # call jax.distributed.initialize() (TPU pods, multi-node GPU)
+  checkpoint_dir: str = ""  # "": RUN_DIR/checkpoints; may be a bucket path (gs://...)
 
   def __post_init__(self) -> None:
     def fail(field: str, why: str) -> typing.NoReturn:
@@ -333,11 +334,13 @@ def load_raw(spec: str | Path, _seen: tuple[Path, ...] = ()) -> dict:
   if not isinstance(raw, Mapping):
     raise ConfigError(f"config: {path} must hold a mapping of sections")
   raw = dict(raw)
-  base = raw.pop("base", None)
-  if base is not None:
+  bases = raw.pop("base", None)
+  merged: dict = {}
+  # `base:` names one file or a list (merged in order, later ones win, this file last).
+  for base in ([] if bases is None else bases if isinstance(bases, list) else [bases]):
     base_path = (path.parent / base) if (path.parent / base).exists() else base
-    raw = _merge(load_raw(base_path, _seen + (path,)), raw)
-  return raw
+    merged = _merge(merged, load_raw(base_path, _seen + (path,)))
+  return _merge(merged, raw)
 
 
 def apply_overrides(raw: dict, overrides: Iterable[str]) -> dict:

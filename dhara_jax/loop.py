@@ -102,7 +102,8 @@ def run(cfg: Config, run_dir: Path, data: Callable[[Config, Mesh], Data] = pipel
   tx, shardings = build(cfg, mesh)
   resolved = config_lib.to_dict(cfg)
   with contextlib.ExitStack() as cleanup:
-    checkpoints = Checkpointer(run_dir, cfg.train.keep_checkpoints, cfg.train.async_checkpoint)
+    checkpoints = Checkpointer(run_dir, cfg.train.keep_checkpoints, cfg.train.async_checkpoint,
+                               cfg.train.checkpoint_dir)
     cleanup.callback(checkpoints.close)
     cleanup.callback(checkpoints.wait)  # runs first: pending async saves finish, even on errors
     latest = checkpoints.latest_step()
@@ -114,9 +115,10 @@ def run(cfg: Config, run_dir: Path, data: Callable[[Config, Mesh], Data] = pipel
       state = checkpoints.restore(latest, abstract_state(cfg, tx, shardings), data.train)
     else:
       state = init_state(cfg, mesh, tx, shardings)
-      (run_dir / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
-      if data.tokenizer_path is not None:
-        shutil.copyfile(data.tokenizer_path, run_dir / data.tokenizer_path.name)
+      if jax.process_index() == 0:  # one writer on a shared run dir
+        (run_dir / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
+        if data.tokenizer_path is not None:
+          shutil.copyfile(data.tokenizer_path, run_dir / data.tokenizer_path.name)
     metrics = MetricsWriter(run_dir, resume_step=latest)
     cleanup.callback(metrics.close)
     return _loop(cfg, mesh, tx, shardings, state, data, checkpoints, metrics, resolved,

@@ -37,10 +37,12 @@ class MetricsWriter:
 
   def __init__(self, run_dir: Path, resume_step: int | None, tensorboard: bool = True):
     self.path = Path(run_dir) / "metrics.jsonl"
+    self._file = self._tb = None
+    if jax.process_index() != 0:  # one writer per run, also on a shared file system
+      return
     self._truncate_after(-1 if resume_step is None else resume_step)
     self._file = self.path.open("a")
-    self._tb = None
-    if tensorboard and jax.process_index() == 0:
+    if tensorboard:
       from tensorboardX import SummaryWriter
 
       self._tb = SummaryWriter(str(Path(run_dir) / "tensorboard"))
@@ -55,6 +57,8 @@ class MetricsWriter:
     os.replace(tmp, self.path)
 
   def write(self, row: dict[str, Any]) -> None:
+    if self._file is None:
+      return
     self._file.write(json.dumps(row) + "\n")
     self._file.flush()
     if self._tb is not None:
@@ -63,7 +67,8 @@ class MetricsWriter:
           self._tb.add_scalar(key, value, row["step"])
 
   def close(self) -> None:
-    self._file.close()
+    if self._file is not None:
+      self._file.close()
     if self._tb is not None:
       self._tb.close()
 

@@ -46,6 +46,31 @@ def test_base_chain_and_cycle(tmp_path):
     config.load(tmp_path / "c.yaml")
 
 
+def test_base_list_merges_in_order(tmp_path):
+  (tmp_path / "m.yaml").write_text("model: {d_model: 128, num_heads: 4, num_layers: 3}\n")
+  (tmp_path / "n.yaml").write_text("model: {num_layers: 5}\ntrain: {steps: 7}\n")
+  (tmp_path / "run.yaml").write_text("base: [llama3, m.yaml, n.yaml]\ntrain: {lr: 0.01}\n")
+  cfg = config.load(tmp_path / "run.yaml")
+  assert (cfg.model.family, cfg.model.d_model, cfg.model.num_layers) == ("llama3", 128, 5)
+  assert (cfg.train.steps, cfg.train.lr) == (7, 0.01)
+
+
+@pytest.mark.parametrize("run", ["quickstart", "dhara_70m_ar", "gpt2_70m"])
+def test_run_presets_load(run):
+  cfg = config.load(f"configs/runs/{run}.yaml")
+  assert cfg.data.tokenizer_vocab_size <= cfg.model.vocab_size
+  assert abs(sum(s.weight for s in cfg.data.sources) - 1.0) < 1e-9
+  if run != "quickstart":  # the study's runs: 1024-token sequences in bf16
+    assert (cfg.data.seq_len, cfg.model.dtype) == (1024, "bfloat16")
+
+
+def test_mesh_presets_stack_onto_a_run(tmp_path):
+  (tmp_path / "run.yaml").write_text(
+      f"base: [{config.CONFIG_ROOT}/runs/quickstart.yaml, {config.CONFIG_ROOT}/mesh/fsdp.yaml]\n")
+  cfg = config.load(tmp_path / "run.yaml")
+  assert (cfg.mesh.data, cfg.mesh.fsdp, cfg.model.d_model) == (1, -1, 128)
+
+
 def test_compact_pattern():
   assert config.compact_pattern("CCACCACC") == "CCA"
   assert config.compact_pattern("LLLLLALLLLLA") == "LLLLLA"

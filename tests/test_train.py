@@ -129,6 +129,22 @@ def test_run_dir_contents_and_tokenizer_in_checkpoint(tmp_path):
   assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_checkpoint_dir_elsewhere(tmp_path):
+  """`train.checkpoint_dir` (a bucket on pods) holds the checkpoints; the run resumes from it."""
+  from dhara_jax.checkpoint import Checkpointer
+
+  elsewhere = tmp_path / "bucket" / "ckpt"
+  run(tiny_run("train.steps=2", f"train.checkpoint_dir={elsewhere}"), tmp_path / "run",
+      progress=False)
+  assert not (tmp_path / "run" / "checkpoints").exists()
+  checkpoints = Checkpointer(tmp_path / "unused", keep=3, directory=str(elsewhere))
+  assert checkpoints.latest_step() == 2
+  checkpoints.close()
+  summary = run(tiny_run("train.steps=3", f"train.checkpoint_dir={elsewhere}"), tmp_path / "run",
+                progress=False)
+  assert summary["steps"] == 3 and [r["step"] for r in read_metrics(tmp_path / "run")][-1] == 3
+
+
 def test_other_architecture_and_unwritable_dir_are_refused(tmp_path):
   run(tiny_run("train.steps=2"), tmp_path, progress=False)
   with pytest.raises(DharaError, match="another architecture.*model.d_model"):
