@@ -6,7 +6,7 @@ tokens after one warm-up batch. The reference is what a training step of the qui
 consumes: the full dhara-jax train step (forward, backward, AdamW) of configs/runs/quickstart.yaml
 at --seq × --batch, same CPU. The target is a ratio of at least 10x.
 
-  python bench/data_pipeline.py [--tokens 4000000 --seq 1024 --batch 8 --threads 4]
+  python bench/input_pipeline.py [--tokens 4000000 --seq 1024 --batch 8 --threads 4]
 """
 
 from __future__ import annotations
@@ -14,17 +14,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
-import sys
 import tempfile
 import time
-from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-# This script shares the package's name: keep its folder off the path so `data_pipeline` is
-# the package.
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != HERE]
-
-import numpy as np  # noqa: E402
+import numpy as np
 
 from data_pipeline.cache import prepare
 from data_pipeline.iterator import make_train_iterator
