@@ -130,7 +130,7 @@ class Transformer(nn.Module):
       logits_BxLxV = embed.attend(x_BxLxD)
     else:
       logits_BxLxV = Dense(cfg.vocab_size, ("embed", "vocab"), False, cfg.init_std, dtype,
-                           name="lm_head")(x_BxLxD)
+                           out_dtype=jnp.float32, name="lm_head")(x_BxLxD)
     logits_BxLxV = logits_BxLxV.astype(jnp.float32)
     if cfg.final_logit_softcap:
       cap = cfg.final_logit_softcap
