@@ -54,9 +54,9 @@ class FileRestore(ocp.args.CheckpointArgs):
 
 class Checkpointer:
   def __init__(self, run_dir: Path, keep: int, async_save: bool = True, directory: str = ""):
-    # A bucket path (gs://...) goes to orbax as an epath; local paths are made absolute.
-    self.directory = (epath.Path(directory) if "://" in directory else
-                      Path(directory or Path(run_dir) / "checkpoints").resolve())
+    # An epath serves local folders (made absolute) and buckets (gs://...) alike.
+    self.directory = epath.Path(directory if "://" in directory else
+                                Path(directory or Path(run_dir) / "checkpoints").resolve())
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
                                            enable_async_checkpointing=async_save)
     self.manager = ocp.CheckpointManager(self.directory, options=options)
@@ -82,7 +82,7 @@ class Checkpointer:
     may be a different mesh than the one that saved it, and the iterator in place."""
     items = {"state": ocp.args.StandardRestore(abstract_state)}
     # A checkpoint made by `dhara import` has no data state: the stream then starts fresh.
-    if data_iterator is not None and (epath.Path(self.directory) / str(step) / "data").exists():
+    if data_iterator is not None and (self.directory / str(step) / "data").exists():
       items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
     return self.manager.restore(step, args=ocp.args.Composite(**items))["state"]
 

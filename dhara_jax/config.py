@@ -338,6 +338,9 @@ def load_raw(spec: str | Path, _seen: tuple[Path, ...] = ()) -> dict:
   merged: dict = {}
   # `base:` names one file or a list (merged in order, later ones win, this file last).
   for base in ([] if bases is None else bases if isinstance(bases, list) else [bases]):
+    if not isinstance(base, str):
+      raise ConfigError(f"config: {path}: base must be a file/preset name or a list of them, "
+                        f"got {base!r}")
     base_path = (path.parent / base) if (path.parent / base).exists() else base
     merged = _merge(merged, load_raw(base_path, _seen + (path,)))
   return _merge(merged, raw)

@@ -53,6 +53,9 @@ def test_base_list_merges_in_order(tmp_path):
   cfg = config.load(tmp_path / "run.yaml")
   assert (cfg.model.family, cfg.model.d_model, cfg.model.num_layers) == ("llama3", 128, 5)
   assert (cfg.train.steps, cfg.train.lr) == (7, 0.01)
+  (tmp_path / "bad.yaml").write_text("base: [llama3, {model: 1}]\n")
+  with pytest.raises(ConfigError, match="base must be"):
+    config.load(tmp_path / "bad.yaml")
 
 
 @pytest.mark.parametrize("run", ["quickstart", "dhara_70m_ar", "gpt2_70m"])

@@ -131,7 +131,6 @@ class Transformer(nn.Module):
     else:
       logits_BxLxV = Dense(cfg.vocab_size, ("embed", "vocab"), False, cfg.init_std, dtype,
                            out_dtype=jnp.float32, name="lm_head")(x_BxLxD)
-    logits_BxLxV = logits_BxLxV.astype(jnp.float32)
     if cfg.final_logit_softcap:
       cap = cfg.final_logit_softcap
       logits_BxLxV = cap * jnp.tanh(logits_BxLxV / cap)
