@@ -53,9 +53,38 @@ def _matmul_bwd(out_dtype, kernel_transposed, residuals, dy_NxO):
   dy_NxO = dy_NxO.astype(x_NxI.dtype)
   dx_NxI = jax.lax.dot_general(dy_NxO, kernel, _dims(1, 0 if kernel_transposed else 1),
                                preferred_element_type=jnp.float32)
-  operands = (dy_NxO, x_NxI) if kernel_transposed else (x_NxI, dy_NxO)
-  dkernel = jax.lax.dot_general(*operands, _dims(0, 0), preferred_element_type=jnp.float32)
+  dkernel = _weight_gradient(x_NxI, dy_NxO, kernel_transposed)
   return dx_NxI.astype(x_NxI.dtype), dkernel.astype(master.dtype)
+
+
+def _weight_gradient(x_NxI: jax.Array, dy_NxO: jax.Array, transposed: bool) -> jax.Array:
+  """x.T @ dy (I×O), or its transpose (O×I) for a transposed kernel, in float32."""
+  def as_is(x_NxI, dy_NxO):
+    operands = (dy_NxO, x_NxI) if transposed else (x_NxI, dy_NxO)
+    return jax.lax.dot_general(*operands, _dims(0, 0), preferred_element_type=jnp.float32)
+
+  def cpu(x_NxI, dy_NxO):
+    # XLA:CPU runs a bf16 dot on its AMX path (YNNPACK) only if the left operand is contracted
+    # on its last dim in row-major layout; as_is would be upcast to f32 and run 3x slower. So
+    # hand the dot a materialised x.T (small: I×N), and transpose its I×O result if asked.
+    (n, i), o = x_NxI.shape, dy_NxO.shape[1]
+    if x_NxI.dtype != jnp.bfloat16 or n * i % 2 or (transposed and i * o % 2):
+      return as_is(x_NxI, dy_NxO)
+    dkernel_IxO = jax.lax.dot_general(_materialised_transpose(x_NxI), dy_NxO, _dims(1, 0),
+                                      preferred_element_type=jnp.float32)
+    return _materialised_transpose(dkernel_IxO) if transposed else dkernel_IxO
+
+  return jax.lax.platform_dependent(x_NxI, dy_NxO, cpu=cpu, default=as_is)
+
+
+def _materialised_transpose(a_RxC: jax.Array) -> jax.Array:
+  """a.T written so that XLA copies it rather than folding it into the dot that consumes or
+  produces it (XLA:CPU would then fail at run time: it has no bf16 dot off the AMX path): an
+  even dim is split first, which the early dot checks do not see through."""
+  rows, cols = a_RxC.shape
+  if cols % 2 == 0:
+    return a_RxC.reshape(rows, cols // 2, 2).transpose(1, 2, 0).reshape(cols, rows)
+  return a_RxC.reshape(rows // 2, 2, cols).transpose(2, 0, 1).reshape(cols, rows)
 
 
 matmul.defvjp(_matmul_fwd, _matmul_bwd)
