@@ -7,16 +7,54 @@ import jax
 import jax.numpy as jnp
 
 
+@jax.custom_vjp
 def cross_entropy_sum(logits_BxLxV: jax.Array, targets_BxL: jax.Array,
                       weights_BxL: jax.Array) -> jax.Array:
   """Σ weights · (logsumexp(logits) − logit[target]), in float32.
 
-  logsumexp minus the target logit avoids materialising a second B×L×V array (log_softmax).
+  The gradient, weights · (softmax − onehot(target)), is written by hand: one elementwise
+  pass over the B×L×V logits, where autodiff of logsumexp and of the target gather keeps the
+  exponentials and scatters into a zero B×L×V array (the head's cross-entropy is a large part
+  of a small model's step).
   """
-  logits = logits_BxLxV.astype(jnp.float32)
-  target_logit_BxL = jnp.take_along_axis(logits, targets_BxL[..., None], axis=-1)[..., 0]
-  nll_BxL = jax.nn.logsumexp(logits, axis=-1) - target_logit_BxL
-  return jnp.sum(nll_BxL * weights_BxL)
+  return _cross_entropy_fwd(logits_BxLxV, targets_BxL, weights_BxL)[0]
+
+
+def _cross_entropy_fwd(logits_BxLxV, targets_BxL, weights_BxL):
+  max_BxL, unnormalised_BxLxV, sum_BxL = _softmax_parts(logits_BxLxV)
+  loss = jnp.sum(_nll(logits_BxLxV, max_BxL, sum_BxL, targets_BxL) * weights_BxL)
+  dtype_witness = jnp.zeros((), logits_BxLxV.dtype)  # residuals must be arrays
+  return loss, (unnormalised_BxLxV, sum_BxL, targets_BxL, weights_BxL, dtype_witness)
+
+
+def _cross_entropy_bwd(residuals, dloss):
+  unnormalised_BxLxV, sum_BxL, targets_BxL, weights_BxL, dtype_witness = residuals
+  dlogits_BxLxV = _nll_gradient(unnormalised_BxLxV, sum_BxL, targets_BxL, weights_BxL * dloss)
+  return dlogits_BxLxV.astype(dtype_witness.dtype), None, None
+
+
+cross_entropy_sum.defvjp(_cross_entropy_fwd, _cross_entropy_bwd)
+
+
+def _softmax_parts(logits_xV: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """(row max, exp(logits − max), Σ exp) over the last dim, in float32."""
+  logits = logits_xV.astype(jnp.float32)
+  max_x = jax.lax.stop_gradient(jnp.max(logits, axis=-1))
+  unnormalised_xV = jnp.exp(logits - max_x[..., None])
+  return max_x, unnormalised_xV, jnp.sum(unnormalised_xV, axis=-1)
+
+
+def _nll(logits_xV, max_x, sum_x, targets_x):
+  target_logit_x = jnp.take_along_axis(logits_xV, targets_x[..., None], axis=-1)[..., 0]
+  return max_x + jnp.log(sum_x) - target_logit_x.astype(jnp.float32)
+
+
+def _nll_gradient(unnormalised_xV, sum_x, targets_x, scale_x):
+  """d Σ scale·nll / d logits = scale · (softmax − onehot(target))."""
+  vocab_xV = jax.lax.broadcasted_iota(targets_x.dtype, unnormalised_xV.shape,
+                                      unnormalised_xV.ndim - 1)
+  onehot_xV = (vocab_xV == targets_x[..., None]).astype(jnp.float32)
+  return unnormalised_xV * (scale_x / sum_x)[..., None] - onehot_xV * scale_x[..., None]
 
 
 def next_token_targets(tokens_BxL: jax.Array,

@@ -192,6 +192,37 @@ def test_mixed_precision_matmul_gradients():
   assert _compiled_dot_operand_types(tied_bf16_grad, x_NxI, kernel_OxI) == {"bf16"}
 
 
+def test_attention_gradients_equal_autodiff_of_plain_softmax():
+  """The FlashAttention-style backward equals autodiff of a plain softmax attention (GQA,
+  packed documents, fully masked padding rows); in bf16 every compiled dot takes bf16."""
+  from dhara_jax.model.attention import dot_product_attention
+
+  def plain(q_BxLxHxK, k_BxSxGxK, v_BxSxGxK, mask_Bx1xLxS, scale):
+    repeats = q_BxLxHxK.shape[2] // k_BxSxGxK.shape[2]
+    k_BxSxHxK, v_BxSxHxK = (jnp.repeat(t, repeats, axis=2) for t in (k_BxSxGxK, v_BxSxGxK))
+    scores = jnp.einsum("blhk,bshk->bhls", q_BxLxHxK * scale, k_BxSxHxK)
+    probs = jax.nn.softmax(jnp.where(mask_Bx1xLxS, scores, jnp.finfo(jnp.float32).min))
+    return jnp.einsum("bhls,bshk->blhk", probs, v_BxSxHxK)
+
+  length = 40
+  q, k, v = (jnp.asarray(RNG.standard_normal((2, length, h, 8)), jnp.float32) for h in (4, 2, 2))
+  mask = attention_mask(jnp.asarray(np.repeat([[1] * 20 + [2] * 14 + [0] * 6], 2, axis=0)),
+                        causal=True)
+  weights = jnp.asarray(RNG.standard_normal((2, length, 4, 8)), jnp.float32)
+  loss = lambda attend, *qkv: jnp.sum(attend(*qkv, mask, 0.3).astype(jnp.float32) * weights)
+  want = jax.grad(lambda *qkv: loss(plain, *qkv), argnums=(0, 1, 2))(q, k, v)
+  got = jax.grad(lambda *qkv: loss(dot_product_attention, *qkv), argnums=(0, 1, 2))(q, k, v)
+  for g, w in zip(got, want):
+    np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5)
+
+  bf16_grad = jax.grad(lambda *qkv: loss(dot_product_attention,
+                                         *(t.astype(jnp.bfloat16) for t in qkv)),
+                       argnums=(0, 1, 2))
+  for g, w in zip(bf16_grad(q, k, v), want):
+    assert float(jnp.max(jnp.abs(g - w)) / jnp.max(jnp.abs(w))) < 3e-2
+  assert _compiled_dot_operand_types(bf16_grad, q, k, v) == {"bf16"}
+
+
 def _compiled_dot_operand_types(fn, *args) -> set[str]:
   """Element types of every dot operand in the program XLA compiled for this backend: XLA:CPU
   silently upcasts a bf16 dot it cannot run on its AMX path to f32."""

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 
 from dhara_jax.config import ModelConfig
 from dhara_jax.model.canon import maybe_canon
-from dhara_jax.model.layers import Dense, Norm, apply_rope
+from dhara_jax.model.layers import Dense, Norm, apply_rope, matmul_at_b, transpose_for_dot
 
 
 class Attention(nn.Module):
@@ -89,21 +89,87 @@ def blocked_attention(q_BxLxHxK: jax.Array, k_BxSxGxK: jax.Array, v_BxSxGxK: jax
 
 def dot_product_attention(q_BxLxHxK: jax.Array, k_BxSxGxK: jax.Array, v_BxSxGxK: jax.Array,
                           mask_Bx1xLxS: jax.Array, scale: float) -> jax.Array:
-  """Softmax attention in float32; H query heads share G key/value heads (H/G each).
+  """Softmax attention (scores and softmax in float32); H query heads share G key/value heads
+  (R = H/G each).
 
-  Heads are moved in front of the sequence axes first: XLA:CPU runs the two attention
+  Heads are moved in front of the sequence axes first: XLA:CPU runs the attention
   contractions about 3× faster with (batch, heads) as leading batch dims.
   """
   batch, length, heads, head_dim = q_BxLxHxK.shape
   kv_heads = k_BxSxGxK.shape[2]
   q_BxGxRxLxK = (q_BxLxHxK * scale).reshape(
       batch, length, kv_heads, heads // kv_heads, head_dim).transpose(0, 2, 3, 1, 4)
-  k_BxGxSxK = k_BxSxGxK.transpose(0, 2, 1, 3)
-  v_BxGxSxK = v_BxSxGxK.transpose(0, 2, 1, 3)
-  scores_BxGxRxLxS = jnp.einsum("bgrlk,bgsk->bgrls", q_BxGxRxLxK, k_BxGxSxK,
-                                preferred_element_type=jnp.float32)
-  scores_BxGxRxLxS = jnp.where(mask_Bx1xLxS[:, :, None], scores_BxGxRxLxS,
-                               jnp.finfo(jnp.float32).min)
-  probs_BxGxRxLxS = jax.nn.softmax(scores_BxGxRxLxS, axis=-1).astype(v_BxSxGxK.dtype)
-  out_BxGxRxLxK = jnp.einsum("bgrls,bgsk->bgrlk", probs_BxGxRxLxS, v_BxGxSxK)
+  k_BxGxSxK, v_BxGxSxK = (transpose_for_dot(t, (0, 2, 1, 3)) for t in (k_BxSxGxK, v_BxSxGxK))
+  out_BxGxRxLxK = softmax_attention(q_BxGxRxLxK, k_BxGxSxK, v_BxGxSxK, mask_Bx1xLxS[:, 0])
   return out_BxGxRxLxK.transpose(0, 3, 1, 2, 4).reshape(batch, length, heads, head_dim)
+
+
+@jax.custom_vjp
+def softmax_attention(q_BxGxRxLxK: jax.Array, k_BxGxSxK: jax.Array, v_BxGxSxK: jax.Array,
+                      mask_BxLxS: jax.Array) -> jax.Array:
+  """softmax(q·kᵀ masked)·v for pre-scaled queries, with FlashAttention's backward.
+
+  The backward recomputes the probabilities from the saved row max and normaliser instead of
+  keeping them, and needs one elementwise pass over the scores where autodiff of the softmax
+  takes several: less memory and, on CPU, most of the backward's time. Every contraction
+  takes operands in the compute dtype and accumulates in float32. R query heads share each
+  key/value head: they are folded into the query rows (M = R·L).
+  """
+  return _attention_fwd(q_BxGxRxLxK, k_BxGxSxK, v_BxGxSxK, mask_BxLxS)[0]
+
+
+def _attention_fwd(q_BxGxRxLxK, k_BxGxSxK, v_BxGxSxK, mask_BxLxS):
+  batch, groups, repeats, length, head_dim = q_BxGxRxLxK.shape
+  q_BxGxMxK = q_BxGxRxLxK.reshape(batch, groups, repeats * length, head_dim)
+  scores_BxGxMxS = _masked_scores(q_BxGxMxK, k_BxGxSxK, mask_BxLxS, repeats)
+  max_BxGxMx1 = jnp.max(scores_BxGxMxS, axis=-1, keepdims=True)
+  unnormalised_BxGxMxS = jnp.exp(scores_BxGxMxS - max_BxGxMx1)
+  inv_sum_BxGxMx1 = 1.0 / jnp.sum(unnormalised_BxGxMxS, axis=-1, keepdims=True)
+  # Normalise the M×K output rather than the M×S probabilities: S/K times fewer divisions.
+  out_BxGxMxK = _batched_dot(unnormalised_BxGxMxS.astype(v_BxGxSxK.dtype), v_BxGxSxK, 3, 2)
+  out_BxGxRxLxK = (out_BxGxMxK * inv_sum_BxGxMx1).astype(q_BxGxRxLxK.dtype).reshape(
+      q_BxGxRxLxK.shape)
+  residuals = (q_BxGxRxLxK, k_BxGxSxK, v_BxGxSxK, mask_BxLxS, out_BxGxRxLxK, max_BxGxMx1,
+               inv_sum_BxGxMx1)
+  return out_BxGxRxLxK, residuals
+
+
+def _attention_bwd(residuals, dout_BxGxRxLxK):
+  q_BxGxRxLxK, k_BxGxSxK, v_BxGxSxK, mask_BxLxS, out_BxGxRxLxK, max_BxGxMx1, inv_sum_BxGxMx1 = (
+      residuals)
+  batch, groups, repeats, length, head_dim = q_BxGxRxLxK.shape
+  dtype = q_BxGxRxLxK.dtype
+  rows = lambda x: x.astype(dtype).reshape(batch, groups, repeats * length, head_dim)
+  q_BxGxMxK, out_BxGxMxK, dout_BxGxMxK = map(rows, (q_BxGxRxLxK, out_BxGxRxLxK, dout_BxGxRxLxK))
+
+  scores_BxGxMxS = _masked_scores(q_BxGxMxK, k_BxGxSxK, mask_BxLxS, repeats)
+  probs_BxGxMxS = jnp.exp(scores_BxGxMxS - max_BxGxMx1) * inv_sum_BxGxMx1
+  dv_BxGxSxK = matmul_at_b(dout_BxGxMxK, probs_BxGxMxS.astype(dtype), transpose_result=True)
+  dprobs_BxGxMxS = _batched_dot(dout_BxGxMxK, v_BxGxSxK, 3, 3)
+  # softmax backward: dscores = p·(dp − Σ_s p·dp), and Σ_s p·dp = Σ_k dout·out.
+  dout_dot_out_BxGxMx1 = jnp.sum(dout_BxGxMxK.astype(jnp.float32) * out_BxGxMxK, axis=-1,
+                                 keepdims=True)
+  dscores_BxGxMxS = (probs_BxGxMxS * (dprobs_BxGxMxS - dout_dot_out_BxGxMx1)).astype(dtype)
+  dq_BxGxMxK = _batched_dot(dscores_BxGxMxS, k_BxGxSxK, 3, 2)
+  dk_BxGxSxK = matmul_at_b(q_BxGxMxK, dscores_BxGxMxS, transpose_result=True)
+  return (dq_BxGxMxK.astype(dtype).reshape(q_BxGxRxLxK.shape), dk_BxGxSxK.astype(k_BxGxSxK.dtype),
+          dv_BxGxSxK.astype(v_BxGxSxK.dtype), None)
+
+
+softmax_attention.defvjp(_attention_fwd, _attention_bwd)
+
+
+def _batched_dot(a: jax.Array, b: jax.Array, a_contract: int, b_contract: int) -> jax.Array:
+  """Contraction over one dim of two B×G×…×… arrays, (B, G) as batch dims, float32 result."""
+  return jax.lax.dot_general(a, b, (((a_contract,), (b_contract,)), ((0, 1), (0, 1))),
+                             preferred_element_type=jnp.float32)
+
+
+def _masked_scores(q_BxGxMxK: jax.Array, k_BxGxSxK: jax.Array, mask_BxLxS: jax.Array,
+                   repeats: int) -> jax.Array:
+  scores_BxGxMxS = _batched_dot(q_BxGxMxK, k_BxGxSxK, 3, 3)
+  batch, groups, rows, keys = scores_BxGxMxS.shape
+  scores_BxGxRxLxS = scores_BxGxMxS.reshape(batch, groups, repeats, rows // repeats, keys)
+  scores_BxGxRxLxS = jnp.where(mask_BxLxS[:, None, None], scores_BxGxRxLxS,
+                               jnp.finfo(jnp.float32).min)
+  return scores_BxGxRxLxS.reshape(scores_BxGxMxS.shape)

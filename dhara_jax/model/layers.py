@@ -53,38 +53,63 @@ def _matmul_bwd(out_dtype, kernel_transposed, residuals, dy_NxO):
   dy_NxO = dy_NxO.astype(x_NxI.dtype)
   dx_NxI = jax.lax.dot_general(dy_NxO, kernel, _dims(1, 0 if kernel_transposed else 1),
                                preferred_element_type=jnp.float32)
-  dkernel = _weight_gradient(x_NxI, dy_NxO, kernel_transposed)
+  dkernel = matmul_at_b(x_NxI, dy_NxO, transpose_result=kernel_transposed)
   return dx_NxI.astype(x_NxI.dtype), dkernel.astype(master.dtype)
 
 
-def _weight_gradient(x_NxI: jax.Array, dy_NxO: jax.Array, transposed: bool) -> jax.Array:
-  """x.T @ dy (I×O), or its transpose (O×I) for a transposed kernel, in float32."""
-  def as_is(x_NxI, dy_NxO):
-    operands = (dy_NxO, x_NxI) if transposed else (x_NxI, dy_NxO)
-    return jax.lax.dot_general(*operands, _dims(0, 0), preferred_element_type=jnp.float32)
+def matmul_at_b(a_xNxA: jax.Array, b_xNxB: jax.Array, transpose_result: bool = False
+                ) -> jax.Array:
+  """aᵀ·b over the row dim N (…×A×B, or …×B×A with `transpose_result`), in float32; leading
+  dims are batch dims. The shape of every weight gradient.
 
-  def cpu(x_NxI, dy_NxO):
-    # XLA:CPU runs a bf16 dot on its AMX path (YNNPACK) only if the left operand is contracted
-    # on its last dim in row-major layout; as_is would be upcast to f32 and run 3x slower. So
-    # hand the dot a materialised x.T (small: I×N), and transpose its I×O result if asked.
-    (n, i), o = x_NxI.shape, dy_NxO.shape[1]
-    if x_NxI.dtype != jnp.bfloat16 or n * i % 2 or (transposed and i * o % 2):
-      return as_is(x_NxI, dy_NxO)
-    dkernel_IxO = jax.lax.dot_general(_materialised_transpose(x_NxI), dy_NxO, _dims(1, 0),
-                                      preferred_element_type=jnp.float32)
-    return _materialised_transpose(dkernel_IxO) if transposed else dkernel_IxO
+  XLA:CPU runs a bf16 dot on its AMX path (YNNPACK) only if the left operand is contracted
+  on its last dim in row-major layout; contracting N directly, the dot would be upcast to f32
+  and run 3x slower. So on CPU the dot gets a materialised aᵀ (and the result is transposed
+  after, if asked); other backends contract N in place.
+  """
+  batch = tuple(range(a_xNxA.ndim - 2))
+  row = a_xNxA.ndim - 2
+  swap = (*batch, row + 1, row)
 
-  return jax.lax.platform_dependent(x_NxI, dy_NxO, cpu=cpu, default=as_is)
+  def in_place(a, b):
+    a, b = (b, a) if transpose_result else (a, b)
+    return jax.lax.dot_general(a, b, (((row,), (row,)), (batch, batch)),
+                               preferred_element_type=jnp.float32)
+
+  def cpu(a, b):
+    if a.dtype != jnp.bfloat16:
+      return in_place(a, b)
+    at_b = jax.lax.dot_general(_copied_transpose(a, swap), b,
+                               (((row + 1,), (row,)), (batch, batch)),
+                               preferred_element_type=jnp.float32)
+    return _copied_transpose(at_b, swap) if transpose_result else at_b
+
+  return jax.lax.platform_dependent(a_xNxA, b_xNxB, cpu=cpu, default=in_place)
 
 
-def _materialised_transpose(a_RxC: jax.Array) -> jax.Array:
-  """a.T written so that XLA copies it rather than folding it into the dot that consumes or
-  produces it (XLA:CPU would then fail at run time: it has no bf16 dot off the AMX path): an
-  even dim is split first, which the early dot checks do not see through."""
-  rows, cols = a_RxC.shape
-  if cols % 2 == 0:
-    return a_RxC.reshape(rows, cols // 2, 2).transpose(1, 2, 0).reshape(cols, rows)
-  return a_RxC.reshape(rows // 2, 2, cols).transpose(2, 0, 1).reshape(cols, rows)
+def transpose_for_dot(x: jax.Array, perm: tuple[int, ...]) -> jax.Array:
+  """x.transpose(perm) for an operand of a bf16 dot: on CPU, written so that the dot stays on
+  XLA:CPU's AMX path (see `_copied_transpose`); a plain transpose elsewhere."""
+  return jax.lax.platform_dependent(x, cpu=lambda x: _copied_transpose(x, perm),
+                                    default=lambda x: x.transpose(perm))
+
+
+def _copied_transpose(x: jax.Array, perm: tuple[int, ...]) -> jax.Array:
+  """x.transpose(perm), written so that XLA:CPU copies the data in row-major layout.
+
+  XLA:CPU decides whether a bf16 dot runs on its AMX path before layout assignment; a plain
+  transpose operand then has a permuted layout and the dot is upcast to f32, and a transpose
+  of the result can be folded into the dot, which then fails at run time (XLA:CPU has no bf16
+  dot off the AMX path). Splitting an even dim in two around the transpose hides it from
+  both. With no even dim, a plain transpose (correct, just slower).
+  """
+  even = [axis for axis in range(x.ndim) if x.shape[axis] % 2 == 0]
+  if not even:
+    return x.transpose(perm)
+  axis = even[-1]
+  split = x.reshape(*x.shape[:axis], x.shape[axis] // 2, 2, *x.shape[axis + 1:])
+  split_perm = [q for p in perm for q in ((p, p + 1) if p == axis else (p + (p > axis),))]
+  return split.transpose(split_perm).reshape([x.shape[p] for p in perm])
 
 
 matmul.defvjp(_matmul_fwd, _matmul_bwd)
