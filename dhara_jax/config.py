@@ -146,6 +146,9 @@ class TrainConfig:
   async_checkpoint: bool = True
   multihost: bool = False  # call jax.distributed.initialize() (TPU pods, multi-node GPU)
   checkpoint_dir: str = ""  # "": RUN_DIR/checkpoints; may be a bucket path (gs://...)
+  # The loss computes the output head's logits a piece of the sequence at a time, at most this
+  # many tokens per device at once (memory: tokens × vocab × 4 bytes).
+  logit_chunk_tokens: int = 512
 
   def __post_init__(self) -> None:
     def fail(field: str, why: str) -> typing.NoReturn:
@@ -155,7 +158,7 @@ class TrainConfig:
       fail("objective", f"{self.objective!r} is not one of ar")
     if self.schedule not in ("cosine", "wsd", "constant"):
       fail("schedule", f"{self.schedule!r} is not one of cosine, wsd, constant")
-    for field in ("steps", "grad_accum", "eval_batches", "keep_checkpoints"):
+    for field in ("steps", "grad_accum", "eval_batches", "keep_checkpoints", "logit_chunk_tokens"):
       if getattr(self, field) <= 0:
         fail(field, f"must be positive, got {getattr(self, field)}")
     for field in ("log_every", "eval_every", "checkpoint_every"):

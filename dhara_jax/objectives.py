@@ -3,8 +3,13 @@ gradient accumulation and data-parallel reductions can normalise once over the w
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
+
+from dhara_jax.model import Head
+from dhara_jax.model.layers import matmul_at_b, transpose_copy
 
 
 @jax.custom_vjp
@@ -34,6 +39,99 @@ def _cross_entropy_bwd(residuals, dloss):
 
 
 cross_entropy_sum.defvjp(_cross_entropy_fwd, _cross_entropy_bwd)
+
+
+def head_cross_entropy_sum(hidden_BxLxD: jax.Array, head: Head, targets_BxL: jax.Array,
+                           weights_BxL: jax.Array, chunks: int = 1) -> jax.Array:
+  """cross_entropy_sum(head(hidden), targets, weights) without materialising B×L×V logits.
+
+  The sequence is cut into `chunks` pieces; each piece's logits exist only while its loss and
+  gradients are computed (in the forward pass, as Liger's fused linear cross-entropy does), so
+  the head needs B×L/chunks×V memory and, on CPU, its large temporaries stay in memory already
+  touched instead of being page-faulted in every step. The contractions run in the hidden
+  states' dtype with float32 accumulation.
+  """
+  return _head_xent(hidden_BxLxD, head.kernel, targets_BxL, weights_BxL, head.transposed,
+                    head.softcap, chunks)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
+def _head_xent(hidden_BxLxD, kernel, targets_BxL, weights_BxL, transposed, softcap, chunks):
+  def loss_only(loss, chunk):
+    hidden_NxD, targets_N, weights_N = chunk
+    logits_NxV = _head_logits(hidden_NxD, kernel, transposed, softcap)
+    max_N, _, sum_N = _softmax_parts(logits_NxV)
+    return loss + jnp.sum(_nll(logits_NxV, max_N, sum_N, targets_N) * weights_N), None
+
+  loss, _ = jax.lax.scan(loss_only, jnp.zeros((), jnp.float32),
+                         _chunked(hidden_BxLxD, targets_BxL, weights_BxL, chunks))
+  return loss
+
+
+def _head_xent_fwd(hidden_BxLxD, kernel, targets_BxL, weights_BxL, transposed, softcap, chunks):
+  dtype = hidden_BxLxD.dtype
+
+  def loss_and_grads(carry, chunk):
+    loss, dkernel_DxV = carry
+    hidden_NxD, targets_N, weights_N = chunk
+    logits_NxV = _head_logits(hidden_NxD, kernel, transposed, softcap)
+    max_N, unnormalised_NxV, sum_N = _softmax_parts(logits_NxV)
+    loss += jnp.sum(_nll(logits_NxV, max_N, sum_N, targets_N) * weights_N)
+    dlogits_NxV = _nll_gradient(unnormalised_NxV, sum_N, targets_N, weights_N)
+    if softcap:  # d cap·tanh(z/cap) / dz = 1 − tanh²
+      dlogits_NxV = dlogits_NxV * (1.0 - jnp.square(logits_NxV / softcap))
+    dlogits_NxV = dlogits_NxV.astype(dtype)
+    dhidden_NxD = jax.lax.dot_general(dlogits_NxV, kernel.astype(dtype),
+                                      (((1,), (0 if transposed else 1,)), ((), ())),
+                                      preferred_element_type=jnp.float32)
+    dkernel_DxV += matmul_at_b(hidden_NxD, dlogits_NxV)
+    return (loss, dkernel_DxV), dhidden_NxD.astype(dtype)
+
+  batch, length, d_model = hidden_BxLxD.shape
+  dkernel_DxV = jnp.zeros((d_model, kernel.shape[0 if transposed else 1]), jnp.float32)
+  (loss, dkernel_DxV), dhidden_CxNxD = jax.lax.scan(
+      loss_and_grads, (jnp.zeros((), jnp.float32), dkernel_DxV),
+      _chunked(hidden_BxLxD, targets_BxL, weights_BxL, chunks))
+  dhidden_BxLxD = transpose_copy(dhidden_CxNxD.reshape(chunks, batch, length // chunks, d_model),
+                                 (1, 0, 2, 3)).reshape(hidden_BxLxD.shape)
+  dkernel = (transpose_copy(dkernel_DxV, (1, 0)) if transposed else dkernel_DxV).astype(
+      kernel.dtype)
+  return loss, (dhidden_BxLxD, dkernel)
+
+
+def _head_xent_bwd(transposed, softcap, chunks, residuals, dloss):
+  dhidden_BxLxD, dkernel = residuals
+  dhidden_BxLxD = (dhidden_BxLxD.astype(jnp.float32) * dloss).astype(dhidden_BxLxD.dtype)
+  return dhidden_BxLxD, dkernel * dloss, None, None
+
+
+_head_xent.defvjp(_head_xent_fwd, _head_xent_bwd)
+
+
+def _chunked(hidden_BxLxD, targets_BxL, weights_BxL, chunks):
+  """C×(B·L/C)×… pieces along the sequence: every piece keeps all batch rows, so it stays
+  spread over the batch shards."""
+  def split(x):
+    batch, length = x.shape[:2]
+    x = x.reshape(batch, chunks, length // chunks, *x.shape[2:])
+    x = transpose_copy(x, (1, 0, *range(2, x.ndim)))
+    return x.reshape(chunks, batch * (length // chunks), *x.shape[3:])
+  return split(hidden_BxLxD), split(targets_BxL), split(weights_BxL)
+
+
+def _head_logits(hidden_NxD, kernel, transposed, softcap):
+  logits_NxV = jax.lax.dot_general(hidden_NxD, kernel.astype(hidden_NxD.dtype),
+                                   (((1,), (1 if transposed else 0,)), ((), ())),
+                                   preferred_element_type=jnp.float32)
+  return softcap * jnp.tanh(logits_NxV / softcap) if softcap else logits_NxV
+
+
+def logit_chunks(batch: int, length: int, batch_shards: int, max_tokens: int) -> int:
+  """The fewest sequence chunks (a divisor of `length`) that keep each device's share of one
+  chunk at most `max_tokens` tokens."""
+  local_tokens = batch * length // batch_shards
+  return next(c for c in range(1, length + 1)
+              if length % c == 0 and (local_tokens // c <= max_tokens or c == length))
 
 
 def _softmax_parts(logits_xV: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -68,8 +166,9 @@ def next_token_targets(tokens_BxL: jax.Array,
   return targets_BxL, weights_BxL.astype(jnp.float32)
 
 
-def ar_loss(logits_BxLxV: jax.Array, tokens_BxL: jax.Array,
-            segment_ids_BxL: jax.Array) -> tuple[jax.Array, jax.Array]:
+def ar_loss(hidden_BxLxD: jax.Array, head: Head, tokens_BxL: jax.Array,
+            segment_ids_BxL: jax.Array, chunks: int = 1) -> tuple[jax.Array, jax.Array]:
   """Next-token cross-entropy over packed documents: (loss sum, token count)."""
   targets_BxL, weights_BxL = next_token_targets(tokens_BxL, segment_ids_BxL)
-  return cross_entropy_sum(logits_BxLxV, targets_BxL, weights_BxL), jnp.sum(weights_BxL)
+  total = head_cross_entropy_sum(hidden_BxLxD, head, targets_BxL, weights_BxL, chunks)
+  return total, jnp.sum(weights_BxL)

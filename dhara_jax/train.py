@@ -16,8 +16,8 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from dhara_jax.config import Config
-from dhara_jax.model import forward, init_params
-from dhara_jax.objectives import ar_loss
+from dhara_jax.model import forward_hidden, init_params, output_head
+from dhara_jax.objectives import ar_loss, logit_chunks
 from dhara_jax.optim import learning_rate, optimizer
 from dhara_jax.sharding import axis_rules, batch_sharding, param_shardings
 
@@ -56,11 +56,16 @@ def init_state(cfg: Config, mesh: Mesh, tx: optax.GradientTransformation,
         jax.random.key(cfg.train.seed))
 
 
-def loss_sum(cfg: Config, params: Any, batch: Batch) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
-  """(loss sum + aux, (loss sum, token count)) for one microbatch."""
-  logits_BxLxV, aux = forward(cfg.model, params, batch["tokens"], batch["segment_ids"],
-                              batch.get("positions"))
-  total, count = ar_loss(logits_BxLxV, batch["tokens"], batch["segment_ids"])
+def loss_sum(cfg: Config, params: Any, batch: Batch, batch_shards: int = 1
+             ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+  """(loss sum + aux, (loss sum, token count)) for one microbatch spread over `batch_shards`
+  devices."""
+  tokens_BxL = batch["tokens"]
+  hidden_BxLxD, aux = forward_hidden(cfg.model, params, tokens_BxL, batch["segment_ids"],
+                                     batch.get("positions"))
+  chunks = logit_chunks(*tokens_BxL.shape, batch_shards, cfg.train.logit_chunk_tokens)
+  total, count = ar_loss(hidden_BxLxD, output_head(cfg.model, params), tokens_BxL,
+                         batch["segment_ids"], chunks)
   # The auxiliary (MoE balance) loss is per microbatch; weight it by the tokens it saw so that
   # the final division by the batch's token count leaves it at its configured weight.
   return total + aux * count, (total, count)
@@ -86,7 +91,8 @@ def make_train_step(cfg: Config, mesh: Mesh, tx: optax.GradientTransformation,
   def step(state: State, batch: Batch) -> tuple[State, dict]:
     params = state["params"]
     micro = jax.tree.map(split_microbatches, batch)
-    grad_fn = jax.grad(functools.partial(loss_sum, cfg), has_aux=True)
+    grad_fn = jax.grad(functools.partial(loss_sum, cfg, batch_shards=batch_shards),
+                       has_aux=True)
 
     def accumulate(carry, microbatch):
       grads, total, count = carry
@@ -115,8 +121,10 @@ def make_train_step(cfg: Config, mesh: Mesh, tx: optax.GradientTransformation,
 
 def make_eval_step(cfg: Config, mesh: Mesh, shardings: State) -> Callable[[Any, Batch], dict]:
   """jit(params, batch) → {loss sum, token count} on held-out data."""
+  batch_shards = mesh.shape["data"] * mesh.shape["fsdp"]
+
   def evaluate(params: Any, batch: Batch) -> dict:
-    _, (total, count) = loss_sum(cfg, params, batch)
+    _, (total, count) = loss_sum(cfg, params, batch, batch_shards)
     return {"loss_sum": total, "tokens": count}
 
   replicated = NamedSharding(mesh, PartitionSpec())

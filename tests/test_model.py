@@ -1,11 +1,10 @@
-import re
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from tiny import logits_before_after_change, random_params, tiny_config
+from tiny import (compiled_dot_operand_types, logits_before_after_change, random_params,
+                  tiny_config)
 
 from dhara_jax.config import FAMILIES
 from dhara_jax.model import forward, init_params
@@ -177,7 +176,7 @@ def test_mixed_precision_matmul_gradients():
   dots = list(_dot_generals(jax.make_jaxpr(bf16_grad)(x_NxI, kernel_IxO).jaxpr))
   assert len(dots) >= 3  # forward, dx, dkernel (and dkernel's per-platform variants)
   assert all(v.aval.dtype == jnp.bfloat16 for eqn in dots for v in eqn.invars)
-  assert _compiled_dot_operand_types(bf16_grad, x_NxI, kernel_IxO) == {"bf16"}
+  assert compiled_dot_operand_types(bf16_grad, x_NxI, kernel_IxO) == {"bf16"}
 
   # A tied head contracts the O×I table in place: same values and gradients, in bf16 too.
   kernel_OxI = jnp.asarray(np.asarray(kernel_IxO).T)
@@ -189,7 +188,7 @@ def test_mixed_precision_matmul_gradients():
   tied_bf16_grad = jax.grad(lambda x, k: tied(x.astype(jnp.bfloat16), k), argnums=(0, 1))
   for g, w in zip(tied_bf16_grad(x_NxI, kernel_OxI), want):
     assert float(jnp.max(jnp.abs(g - w)) / jnp.max(jnp.abs(w))) < 2e-2
-  assert _compiled_dot_operand_types(tied_bf16_grad, x_NxI, kernel_OxI) == {"bf16"}
+  assert compiled_dot_operand_types(tied_bf16_grad, x_NxI, kernel_OxI) == {"bf16"}
 
 
 def test_attention_gradients_equal_autodiff_of_plain_softmax():
@@ -220,23 +219,7 @@ def test_attention_gradients_equal_autodiff_of_plain_softmax():
                        argnums=(0, 1, 2))
   for g, w in zip(bf16_grad(q, k, v), want):
     assert float(jnp.max(jnp.abs(g - w)) / jnp.max(jnp.abs(w))) < 3e-2
-  assert _compiled_dot_operand_types(bf16_grad, q, k, v) == {"bf16"}
-
-
-def _compiled_dot_operand_types(fn, *args) -> set[str]:
-  """Element types of every dot operand in the program XLA compiled for this backend: XLA:CPU
-  silently upcasts a bf16 dot it cannot run on its AMX path to f32."""
-  hlo = jax.jit(fn).lower(*args).compile().as_text()
-  types, names = set(), {}
-  for line in hlo.splitlines():
-    for name, dtype in re.findall(r"%?([\w.-]+): (\w+)\[", line):  # computation parameters
-      names[name] = dtype
-    if m := re.match(r"\s*(?:ROOT )?%?([\w.-]+) = (\w+)\[", line):
-      names[m[1]] = m[2]
-    if m := re.search(r" dot\(%?([\w.-]+), %?([\w.-]+)\)", line):
-      types |= {names[m[1]], names[m[2]]}
-  assert types, "no dot in the compiled program"
-  return types
+  assert compiled_dot_operand_types(bf16_grad, q, k, v) == {"bf16"}
 
 
 def _dot_generals(jaxpr):

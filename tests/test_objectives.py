@@ -1,8 +1,11 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
+from tiny import compiled_dot_operand_types
 
-from dhara_jax.objectives import cross_entropy_sum
+from dhara_jax.model import Head
+from dhara_jax.objectives import cross_entropy_sum, head_cross_entropy_sum
 
 RNG = np.random.default_rng(0)
 
@@ -21,3 +24,39 @@ def test_cross_entropy_value_and_gradient_equal_autodiff():
   np.testing.assert_allclose(got, want, rtol=1e-6)
   np.testing.assert_allclose(got_grad, want_grad, atol=1e-6)
   assert float(jnp.abs(got_grad[weights == 0]).max()) == 0.0  # unweighted tokens get nothing
+
+
+@pytest.mark.parametrize("transposed,softcap,chunks", [(True, 0.0, 1), (True, 0.0, 3),
+                                                       (False, 0.0, 3), (True, 5.0, 3)])
+def test_fused_head_cross_entropy_equals_logits_then_cross_entropy(transposed, softcap, chunks):
+  """Same loss and gradients as materialising the logits, for any chunking; in bf16 it runs
+  (XLA:CPU has no bf16 dot off its AMX path) with every compiled dot taking bf16."""
+  batch, length, d_model, vocab = 2, 9, 8, 13
+  hidden = jnp.asarray(RNG.standard_normal((batch, length, d_model)), jnp.float32)
+  kernel = jnp.asarray(RNG.standard_normal((vocab, d_model) if transposed else
+                                           (d_model, vocab)), jnp.float32)
+  targets = jnp.asarray(RNG.integers(0, vocab, (batch, length)))
+  weights = jnp.asarray(RNG.integers(0, 2, (batch, length)), jnp.float32)
+
+  def reference(hidden, kernel):
+    logits = hidden @ (kernel.T if transposed else kernel)
+    logits = softcap * jnp.tanh(logits / softcap) if softcap else logits
+    return _reference_cross_entropy(logits, targets, weights)
+
+  def fused(hidden, kernel):
+    return head_cross_entropy_sum(hidden, Head(kernel, transposed, softcap), targets, weights,
+                                  chunks)
+
+  want, want_grads = jax.value_and_grad(reference, argnums=(0, 1))(hidden, kernel)
+  got, got_grads = jax.value_and_grad(fused, argnums=(0, 1))(hidden, kernel)
+  np.testing.assert_allclose(got, want, rtol=1e-5)
+  for g, w in zip(got_grads, want_grads):
+    np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(jax.jit(fused)(hidden, kernel), want, rtol=1e-5)  # no grad
+
+  bf16 = jax.value_and_grad(lambda h, k: fused(h.astype(jnp.bfloat16), k), argnums=(0, 1))
+  got, got_grads = bf16(hidden, kernel)
+  assert abs(float(got) - float(want)) < 2e-2 * abs(float(want))
+  for g, w in zip(got_grads, want_grads):
+    assert float(jnp.max(jnp.abs(g - w)) / jnp.max(jnp.abs(w))) < 3e-2
+  assert compiled_dot_operand_types(bf16, hidden, kernel) == {"bf16"}

@@ -17,6 +17,7 @@ from dhara_jax.config import MeshConfig
 from dhara_jax.errors import DharaError
 from dhara_jax.loop import run
 from dhara_jax.metrics import read_metrics
+from dhara_jax.model import Head
 from dhara_jax.objectives import ar_loss, next_token_targets
 from dhara_jax.optim import decay_mask, learning_rate
 from dhara_jax.sharding import make_mesh
@@ -43,8 +44,8 @@ def test_next_token_targets_respect_documents_and_padding():
   np.testing.assert_array_equal(targets[0, :5], [6, 7, 8, 9, 3])
   # 7→8 crosses a document boundary, 9→pad and pad→end are not predictions.
   np.testing.assert_array_equal(weights[0], [1, 1, 0, 1, 0, 0])
-  logits = jnp.zeros((1, 6, 11))
-  total, count = ar_loss(logits, tokens, seg)
+  hidden = jnp.ones((1, 6, 4))
+  total, count = ar_loss(hidden, Head(jnp.zeros((4, 11)), False, 0.0), tokens, seg)
   assert float(count) == 3 and np.isclose(float(total), 3 * np.log(11))
 
 

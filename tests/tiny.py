@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import jax
 import numpy as np
 
@@ -41,3 +43,22 @@ def logits_before_after_change(cfg: ModelConfig, params, tokens, position: int):
   changed = np.array(tokens, copy=True)
   changed[0, position] = (changed[0, position] + 1) % cfg.vocab_size
   return np.asarray(forward(cfg, params, tokens)[0]), np.asarray(forward(cfg, params, changed)[0])
+
+
+def compiled_dot_operand_types(fn, *args) -> set[str]:
+  """Runs jit(fn) and returns the element types of every dot operand in the program XLA
+  compiled for this backend. XLA:CPU silently upcasts a bf16 dot it cannot run on its AMX path
+  to f32, and fails at run time on one that a later pass took off that path."""
+  compiled = jax.jit(fn).lower(*args).compile()
+  jax.block_until_ready(compiled(*args))
+  hlo = compiled.as_text()
+  types, names = set(), {}
+  for line in hlo.splitlines():
+    for name, dtype in re.findall(r"%?([\w.-]+): (\w+)\[", line):  # computation parameters
+      names[name] = dtype
+    if m := re.match(r"\s*(?:ROOT )?%?([\w.-]+) = (\w+)\[", line):
+      names[m[1]] = m[2]
+    if m := re.search(r" dot\(%?([\w.-]+), %?([\w.-]+)\)", line):
+      types |= {names[m[1]], names[m[2]]}
+  assert types, "no dot in the compiled program"
+  return types

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -40,8 +40,36 @@ def forward(cfg: ModelConfig, params: Params, tokens_BxL: jax.Array,
             positions_BxL: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
   """Returns (logits B×L×V float32, auxiliary loss: the MoE load-balancing loss summed over layers,
   already multiplied by `moe_aux_loss_weight`; 0 for dense models)."""
-  logits_BxLxV, state = Transformer(cfg).apply({"params": params}, tokens_BxL, segment_ids_BxL,
-                                               positions_BxL, mutable=["intermediates"])
+  return _apply(cfg, params, tokens_BxL, segment_ids_BxL, positions_BxL, head=True)
+
+
+def forward_hidden(cfg: ModelConfig, params: Params, tokens_BxL: jax.Array,
+                   segment_ids_BxL: jax.Array | None = None,
+                   positions_BxL: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+  """`forward` without the output head: (final hidden states B×L×D in the compute dtype,
+  auxiliary loss). `output_head` gives the head."""
+  return _apply(cfg, params, tokens_BxL, segment_ids_BxL, positions_BxL, head=False)
+
+
+class Head(NamedTuple):
+  """The output projection, for losses that apply it themselves."""
+
+  kernel: jax.Array  # float32: D×V, or the tied V×D embedding table
+  transposed: bool  # kernel is the tied V×D table
+  softcap: float  # logits = softcap·tanh(logits/softcap) when > 0
+
+
+def output_head(cfg: ModelConfig, params: Params) -> Head:
+  if cfg.tie_embeddings:
+    kernel, transposed = params["embed"]["embedding"], True
+  else:
+    kernel, transposed = params["lm_head"]["kernel"], False
+  return Head(kernel, transposed, float(cfg.final_logit_softcap or 0.0))
+
+
+def _apply(cfg, params, tokens_BxL, segment_ids_BxL, positions_BxL, head):
+  out, state = Transformer(cfg).apply({"params": params}, tokens_BxL, segment_ids_BxL,
+                                      positions_BxL, head, mutable=["intermediates"])
   aux_losses = jax.tree.leaves(state.get("intermediates", {}))
   aux = sum(aux_losses, jnp.zeros((), jnp.float32)) * cfg.moe_aux_loss_weight
-  return logits_BxLxV, aux
+  return out, aux

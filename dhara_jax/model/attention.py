@@ -8,7 +8,7 @@ import jax.numpy as jnp
 
 from dhara_jax.config import ModelConfig
 from dhara_jax.model.canon import maybe_canon
-from dhara_jax.model.layers import Dense, Norm, apply_rope, matmul_at_b, transpose_for_dot
+from dhara_jax.model.layers import Dense, Norm, apply_rope, matmul_at_b, transpose_copy
 
 
 class Attention(nn.Module):
@@ -99,7 +99,7 @@ def dot_product_attention(q_BxLxHxK: jax.Array, k_BxSxGxK: jax.Array, v_BxSxGxK:
   kv_heads = k_BxSxGxK.shape[2]
   q_BxGxRxLxK = (q_BxLxHxK * scale).reshape(
       batch, length, kv_heads, heads // kv_heads, head_dim).transpose(0, 2, 3, 1, 4)
-  k_BxGxSxK, v_BxGxSxK = (transpose_for_dot(t, (0, 2, 1, 3)) for t in (k_BxSxGxK, v_BxSxGxK))
+  k_BxGxSxK, v_BxGxSxK = (transpose_copy(t, (0, 2, 1, 3)) for t in (k_BxSxGxK, v_BxSxGxK))
   out_BxGxRxLxK = softmax_attention(q_BxGxRxLxK, k_BxGxSxK, v_BxGxSxK, mask_Bx1xLxS[:, 0])
   return out_BxGxRxLxK.transpose(0, 3, 1, 2, 4).reshape(batch, length, heads, head_dim)
 

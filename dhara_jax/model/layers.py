@@ -87,9 +87,9 @@ def matmul_at_b(a_xNxA: jax.Array, b_xNxB: jax.Array, transpose_result: bool = F
   return jax.lax.platform_dependent(a_xNxA, b_xNxB, cpu=cpu, default=in_place)
 
 
-def transpose_for_dot(x: jax.Array, perm: tuple[int, ...]) -> jax.Array:
-  """x.transpose(perm) for an operand of a bf16 dot: on CPU, written so that the dot stays on
-  XLA:CPU's AMX path (see `_copied_transpose`); a plain transpose elsewhere."""
+def transpose_copy(x: jax.Array, perm: tuple[int, ...]) -> jax.Array:
+  """x.transpose(perm) for an operand or result of a bf16 dot: on CPU, written so that the
+  dot stays on XLA:CPU's AMX path (see `_copied_transpose`); a plain transpose elsewhere."""
   return jax.lax.platform_dependent(x, cpu=lambda x: _copied_transpose(x, perm),
                                     default=lambda x: x.transpose(perm))
 

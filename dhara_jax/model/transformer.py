@@ -90,14 +90,16 @@ class Transformer(nn.Module):
   """tokens B×L → logits B×L×V.
 
   `segment_ids` (B×L, ≥1 per document, 0 for padding) keep packed documents apart in attention
-  and convolutions; `positions` default to each token's index inside its document.
+  and convolutions; `positions` default to each token's index inside its document. With
+  `head=False` it returns the final normalised hidden states B×L×D instead, for a loss that
+  applies the head itself (see `dhara_jax.model.output_head`).
   """
 
   cfg: ModelConfig
 
   @nn.compact
   def __call__(self, tokens_BxL: jax.Array, segment_ids_BxL: jax.Array | None = None,
-               positions_BxL: jax.Array | None = None) -> jax.Array:
+               positions_BxL: jax.Array | None = None, head: bool = True) -> jax.Array:
     cfg = self.cfg
     dtype = jnp.dtype(cfg.dtype)
     if segment_ids_BxL is None:
@@ -126,6 +128,8 @@ class Transformer(nn.Module):
                                                     masks[kind])
 
     x_BxLxD = Norm(cfg.norm, cfg.norm_eps, cfg.norm_unit_offset, name="final_norm")(x_BxLxD)
+    if not head:
+      return x_BxLxD
     if cfg.tie_embeddings:
       logits_BxLxV = embed.attend(x_BxLxD)
     else:
