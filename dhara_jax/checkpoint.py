@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import grain
+import jax
 import orbax.checkpoint as ocp
 from etils import epath
 
@@ -52,11 +53,24 @@ class FileRestore(ocp.args.CheckpointArgs):
   pass
 
 
+def _check_writable(directory: epath.Path) -> None:
+  """One clear line now rather than an orbax traceback at the first save."""
+  probe = directory / f".write_test_{jax.process_index()}"  # one per host: no races
+  try:
+    directory.mkdir(parents=True, exist_ok=True)
+    probe.write_text("")
+    probe.unlink()
+  except Exception as e:  # local OSErrors and the bucket clients' own errors alike
+    raise DharaError(f"train: checkpoint dir {directory} is not writable "
+                     f"({getattr(e, 'strerror', None) or e})") from None
+
+
 class Checkpointer:
   def __init__(self, run_dir: Path, keep: int, async_save: bool = True, directory: str = ""):
     # An epath serves local folders (made absolute) and buckets (gs://...) alike.
     self.directory = epath.Path(directory if "://" in directory else
                                 Path(directory or Path(run_dir) / "checkpoints").resolve())
+    _check_writable(self.directory)
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
                                            enable_async_checkpointing=async_save)
     self.manager = ocp.CheckpointManager(self.directory, options=options)

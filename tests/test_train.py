@@ -152,8 +152,11 @@ def test_other_architecture_and_unwritable_dir_are_refused(tmp_path):
     run(tiny_run("model.d_model=64"), tmp_path, progress=False)
   blocker = tmp_path / "file"
   blocker.write_text("")
-  with pytest.raises(DharaError, match="not writable"):
+  with pytest.raises(DharaError, match="run dir .* not writable"):
     run(tiny_run(), blocker / "run", progress=False)
+  with pytest.raises(DharaError, match="checkpoint dir .* not writable"):
+    run(tiny_run(f"train.checkpoint_dir={blocker / 'checkpoints'}"), tmp_path / "other",
+        progress=False)
 
 
 def _dhara(*args, **kwargs):
