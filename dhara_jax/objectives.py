@@ -72,7 +72,7 @@ def _head_xent_fwd(hidden_BxLxD, kernel, targets_BxL, weights_BxL, transposed, s
   dtype = hidden_BxLxD.dtype
 
   def loss_and_grads(carry, chunk):
-    loss, dkernel_DxV = carry
+    loss, dkernel = carry
     hidden_NxD, targets_N, weights_N = chunk
     logits_NxV = _head_logits(hidden_NxD, kernel, transposed, softcap)
     max_N, unnormalised_NxV, sum_N = _softmax_parts(logits_NxV)
@@ -84,19 +84,23 @@ def _head_xent_fwd(hidden_BxLxD, kernel, targets_BxL, weights_BxL, transposed, s
     dhidden_NxD = jax.lax.dot_general(dlogits_NxV, kernel.astype(dtype),
                                       (((1,), (0 if transposed else 1,)), ((), ())),
                                       preferred_element_type=jnp.float32)
-    dkernel_DxV += matmul_at_b(hidden_NxD, dlogits_NxV)
-    return (loss, dkernel_DxV), dhidden_NxD.astype(dtype)
+    dkernel += matmul_at_b(hidden_NxD, dlogits_NxV, transpose_result=transpose_each_chunk)
+    return (loss, dkernel), dhidden_NxD.astype(dtype)
 
   batch, length, d_model = hidden_BxLxD.shape
-  dkernel_DxV = jnp.zeros((d_model, kernel.shape[0 if transposed else 1]), jnp.float32)
-  (loss, dkernel_DxV), dhidden_CxNxD = jax.lax.scan(
-      loss_and_grads, (jnp.zeros((), jnp.float32), dkernel_DxV),
+  # Accumulate D×V and transpose once at the end, unless D and V are both odd: then XLA:CPU
+  # could fold that transpose into a bf16 dot it cannot run (see layers.transpose_copy).
+  transpose_each_chunk = transposed and d_model * kernel.shape[0] % 2 == 1
+  dkernel = jnp.zeros(kernel.shape if transpose_each_chunk else
+                      (d_model, kernel.shape[0 if transposed else 1]), jnp.float32)
+  (loss, dkernel), dhidden_CxNxD = jax.lax.scan(
+      loss_and_grads, (jnp.zeros((), jnp.float32), dkernel),
       _chunked(hidden_BxLxD, targets_BxL, weights_BxL, chunks))
   dhidden_BxLxD = transpose_copy(dhidden_CxNxD.reshape(chunks, batch, length // chunks, d_model),
                                  (1, 0, 2, 3)).reshape(hidden_BxLxD.shape)
-  dkernel = (transpose_copy(dkernel_DxV, (1, 0)) if transposed else dkernel_DxV).astype(
-      kernel.dtype)
-  return loss, (dhidden_BxLxD, dkernel)
+  if transposed and not transpose_each_chunk:
+    dkernel = transpose_copy(dkernel, (1, 0))
+  return loss, (dhidden_BxLxD, dkernel.astype(kernel.dtype))
 
 
 def _head_xent_bwd(transposed, softcap, chunks, residuals, dloss):

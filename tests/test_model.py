@@ -191,6 +191,21 @@ def test_mixed_precision_matmul_gradients():
   assert compiled_dot_operand_types(tied_bf16_grad, x_NxI, kernel_OxI) == {"bf16"}
 
 
+def test_bf16_matmul_gradients_run_with_odd_dims():
+  """With every dim odd the weight gradient has no bf16 form on XLA:CPU's AMX path; it must
+  fall back to f32, not fail at run time."""
+  from dhara_jax.model.layers import matmul
+
+  x_NxI = jnp.asarray(RNG.standard_normal((9, 7)), jnp.float32)
+  kernel_OxI = jnp.asarray(RNG.standard_normal((13, 7)), jnp.float32)
+  loss = lambda x, k: jnp.sum(matmul(x, k, jnp.float32, kernel_transposed=True) ** 2)
+  want = jax.grad(loss, argnums=(0, 1))(x_NxI, kernel_OxI)
+  bf16_grad = jax.grad(lambda x, k: loss(x.astype(jnp.bfloat16), k), argnums=(0, 1))
+  assert "bf16" in compiled_dot_operand_types(bf16_grad, x_NxI, kernel_OxI)
+  for g, w in zip(jax.jit(bf16_grad)(x_NxI, kernel_OxI), want):
+    assert float(jnp.max(jnp.abs(g - w)) / jnp.max(jnp.abs(w))) < 3e-2
+
+
 def test_attention_gradients_equal_autodiff_of_plain_softmax():
   """The FlashAttention-style backward equals autodiff of a plain softmax attention (GQA,
   packed documents, fully masked padding rows); in bf16 every compiled dot takes bf16."""

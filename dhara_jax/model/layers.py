@@ -77,8 +77,10 @@ def matmul_at_b(a_xNxA: jax.Array, b_xNxB: jax.Array, transpose_result: bool = F
                                preferred_element_type=jnp.float32)
 
   def cpu(a, b):
-    if a.dtype != jnp.bfloat16:
-      return in_place(a, b)
+    result_shape = (*a.shape[:-2], a.shape[-1], b.shape[-1])
+    if a.dtype != jnp.bfloat16 or _split_axis(a.shape, swap) is None or (
+        transpose_result and _split_axis(result_shape, swap) is None):
+      return in_place(a, b)  # XLA:CPU upcasts this dot to f32 before any pass can fold into it
     at_b = jax.lax.dot_general(_copied_transpose(a, swap), b,
                                (((row + 1,), (row,)), (batch, batch)),
                                preferred_element_type=jnp.float32)
@@ -100,16 +102,22 @@ def _copied_transpose(x: jax.Array, perm: tuple[int, ...]) -> jax.Array:
   XLA:CPU decides whether a bf16 dot runs on its AMX path before layout assignment; a plain
   transpose operand then has a permuted layout and the dot is upcast to f32, and a transpose
   of the result can be folded into the dot, which then fails at run time (XLA:CPU has no bf16
-  dot off the AMX path). Splitting an even dim in two around the transpose hides it from
-  both. With no even dim, a plain transpose (correct, just slower).
+  dot off the AMX path). Splitting an even moved dim in two around the transpose hides it from
+  both. If every moved dim is odd, a plain transpose: callers that transpose a bf16 dot's
+  result check `_split_axis` first.
   """
-  even = [axis for axis in range(x.ndim) if x.shape[axis] % 2 == 0]
-  if not even:
+  axis = _split_axis(x.shape, perm)
+  if axis is None:
     return x.transpose(perm)
-  axis = even[-1]
   split = x.reshape(*x.shape[:axis], x.shape[axis] // 2, 2, *x.shape[axis + 1:])
   split_perm = [q for p in perm for q in ((p, p + 1) if p == axis else (p + (p > axis),))]
   return split.transpose(split_perm).reshape([x.shape[p] for p in perm])
+
+
+def _split_axis(shape: tuple[int, ...], perm: tuple[int, ...]) -> int | None:
+  """The last even-sized dim that the transpose moves, or None."""
+  even = [p for i, p in enumerate(perm) if p != i and shape[p] % 2 == 0]
+  return max(even, default=None)
 
 
 matmul.defvjp(_matmul_fwd, _matmul_bwd)
