@@ -17,11 +17,11 @@ from dhara_jax.config import MeshConfig
 from dhara_jax.errors import DharaError
 from dhara_jax.loop import run
 from dhara_jax.metrics import read_metrics
-from dhara_jax.model import Head
+from dhara_jax.model import Head, init_params
 from dhara_jax.objectives import ar_loss, next_token_targets
 from dhara_jax.optim import decay_mask, learning_rate
 from dhara_jax.sharding import make_mesh
-from dhara_jax.train import build, init_state, make_train_step
+from dhara_jax.train import build, init_state, loss_sum, make_train_step
 
 TINY_RUN = ["model.d_model=32", "model.num_layers=2", "model.num_heads=2", "model.num_kv_heads=1",
             "model.mlp_dim=64", "model.max_seq_len=32", "data.seq_len=32", "data.batch_size=8",
@@ -230,3 +230,16 @@ def test_kill_resume_is_exact(tmp_path):
   assert losses(killed) == losses(straight)
   eval_of = lambda d: [(r["step"], r["eval_loss"]) for r in read_metrics(d) if "eval_loss" in r]
   assert eval_of(killed) == eval_of(straight)
+
+
+@pytest.mark.parametrize("platform", ["tpu", "cuda"])
+def test_bf16_loss_gradient_lowers_for_accelerators(platform):
+  """The CPU-only forms of the bf16 dots sit behind lax.platform_dependent; the accelerator
+  branch (plain transposes, contractions in place) must lower too."""
+  cfg = tiny_run("model.dtype=bfloat16", "train.logit_chunk_tokens=64")
+  params = init_params(cfg.model, jax.random.key(0))
+  batch = {"tokens": jnp.zeros((2, 32), jnp.int32), "segment_ids": jnp.ones((2, 32), jnp.int32)}
+  grad = jax.jit(jax.grad(lambda p, b: loss_sum(cfg, p, b)[0]))
+  lowered = jax.export.export(grad, platforms=[platform])(params, batch).mlir_module()
+  cpu = jax.export.export(grad, platforms=["cpu"])(params, batch).mlir_module()
+  assert lowered.count("stablehlo.transpose") < cpu.count("stablehlo.transpose")
