@@ -9,41 +9,13 @@ import jax
 import jax.numpy as jnp
 
 from dhara_jax.model import Head
-from dhara_jax.model.layers import matmul_at_b, transpose_copy
-
-
-@jax.custom_vjp
-def cross_entropy_sum(logits_BxLxV: jax.Array, targets_BxL: jax.Array,
-                      weights_BxL: jax.Array) -> jax.Array:
-  """Σ weights · (logsumexp(logits) − logit[target]), in float32.
-
-  The gradient, weights · (softmax − onehot(target)), is written by hand: one elementwise
-  pass over the B×L×V logits, where autodiff of logsumexp and of the target gather keeps the
-  exponentials and scatters into a zero B×L×V array (the head's cross-entropy is a large part
-  of a small model's step).
-  """
-  return _cross_entropy_fwd(logits_BxLxV, targets_BxL, weights_BxL)[0]
-
-
-def _cross_entropy_fwd(logits_BxLxV, targets_BxL, weights_BxL):
-  max_BxL, unnormalised_BxLxV, sum_BxL = _softmax_parts(logits_BxLxV)
-  loss = jnp.sum(_nll(logits_BxLxV, max_BxL, sum_BxL, targets_BxL) * weights_BxL)
-  dtype_witness = jnp.zeros((), logits_BxLxV.dtype)  # residuals must be arrays
-  return loss, (unnormalised_BxLxV, sum_BxL, targets_BxL, weights_BxL, dtype_witness)
-
-
-def _cross_entropy_bwd(residuals, dloss):
-  unnormalised_BxLxV, sum_BxL, targets_BxL, weights_BxL, dtype_witness = residuals
-  dlogits_BxLxV = _nll_gradient(unnormalised_BxLxV, sum_BxL, targets_BxL, weights_BxL * dloss)
-  return dlogits_BxLxV.astype(dtype_witness.dtype), None, None
-
-
-cross_entropy_sum.defvjp(_cross_entropy_fwd, _cross_entropy_bwd)
+from dhara_jax.model.layers import matmul, matmul_at_b, soft_cap, transpose_copy
 
 
 def head_cross_entropy_sum(hidden_BxLxD: jax.Array, head: Head, targets_BxL: jax.Array,
                            weights_BxL: jax.Array, chunks: int = 1) -> jax.Array:
-  """cross_entropy_sum(head(hidden), targets, weights) without materialising B×L×V logits.
+  """Σ weights · (logsumexp(logits) − logit[target]) for logits = head(hidden), in float32,
+  without materialising the B×L×V logits.
 
   The sequence is cut into `chunks` pieces; each piece's logits exist only while its loss and
   gradients are computed (in the forward pass, as Liger's fused linear cross-entropy does), so
@@ -57,11 +29,10 @@ def head_cross_entropy_sum(hidden_BxLxD: jax.Array, head: Head, targets_BxL: jax
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
 def _head_xent(hidden_BxLxD, kernel, targets_BxL, weights_BxL, transposed, softcap, chunks):
+  compute_kernel = kernel.astype(hidden_BxLxD.dtype)  # once, not per chunk
+
   def loss_only(loss, chunk):
-    hidden_NxD, targets_N, weights_N = chunk
-    logits_NxV = _head_logits(hidden_NxD, kernel, transposed, softcap)
-    max_N, _, sum_N = _softmax_parts(logits_NxV)
-    return loss + jnp.sum(_nll(logits_NxV, max_N, sum_N, targets_N) * weights_N), None
+    return loss + _chunk_loss(compute_kernel, transposed, softcap, *chunk)[0], None
 
   loss, _ = jax.lax.scan(loss_only, jnp.zeros((), jnp.float32),
                          _chunked(hidden_BxLxD, targets_BxL, weights_BxL, chunks))
@@ -70,18 +41,19 @@ def _head_xent(hidden_BxLxD, kernel, targets_BxL, weights_BxL, transposed, softc
 
 def _head_xent_fwd(hidden_BxLxD, kernel, targets_BxL, weights_BxL, transposed, softcap, chunks):
   dtype = hidden_BxLxD.dtype
+  compute_kernel = kernel.astype(dtype)  # once, not per chunk
 
   def loss_and_grads(carry, chunk):
     loss, dkernel = carry
     hidden_NxD, targets_N, weights_N = chunk
-    logits_NxV = _head_logits(hidden_NxD, kernel, transposed, softcap)
-    max_N, unnormalised_NxV, sum_N = _softmax_parts(logits_NxV)
-    loss += jnp.sum(_nll(logits_NxV, max_N, sum_N, targets_N) * weights_N)
+    chunk_loss, logits_NxV, unnormalised_NxV, sum_N = _chunk_loss(compute_kernel, transposed,
+                                                                  softcap, *chunk)
+    loss += chunk_loss
     dlogits_NxV = _nll_gradient(unnormalised_NxV, sum_N, targets_N, weights_N)
     if softcap:  # d cap·tanh(z/cap) / dz = 1 − tanh²
       dlogits_NxV = dlogits_NxV * (1.0 - jnp.square(logits_NxV / softcap))
     dlogits_NxV = dlogits_NxV.astype(dtype)
-    dhidden_NxD = jax.lax.dot_general(dlogits_NxV, kernel.astype(dtype),
+    dhidden_NxD = jax.lax.dot_general(dlogits_NxV, compute_kernel,
                                       (((1,), (0 if transposed else 1,)), ((), ())),
                                       preferred_element_type=jnp.float32)
     dkernel += matmul_at_b(hidden_NxD, dlogits_NxV, transpose_result=transpose_each_chunk)
@@ -123,11 +95,13 @@ def _chunked(hidden_BxLxD, targets_BxL, weights_BxL, chunks):
   return split(hidden_BxLxD), split(targets_BxL), split(weights_BxL)
 
 
-def _head_logits(hidden_NxD, kernel, transposed, softcap):
-  logits_NxV = jax.lax.dot_general(hidden_NxD, kernel.astype(hidden_NxD.dtype),
-                                   (((1,), (1 if transposed else 0,)), ((), ())),
-                                   preferred_element_type=jnp.float32)
-  return softcap * jnp.tanh(logits_NxV / softcap) if softcap else logits_NxV
+def _chunk_loss(kernel, transposed, softcap, hidden_NxD, targets_N, weights_N):
+  """(Σ weights · nll, logits, exp(logits − max), Σ exp) for one chunk of tokens."""
+  logits_NxV = soft_cap(matmul(hidden_NxD, kernel, jnp.float32, kernel_transposed=transposed),
+                        softcap)
+  max_N, unnormalised_NxV, sum_N = _softmax_parts(logits_NxV)
+  loss = jnp.sum(_nll(logits_NxV, max_N, sum_N, targets_N) * weights_N)
+  return loss, logits_NxV, unnormalised_NxV, sum_N
 
 
 def logit_chunks(batch: int, length: int, batch_shards: int, max_tokens: int) -> int:
@@ -139,16 +113,15 @@ def logit_chunks(batch: int, length: int, batch_shards: int, max_tokens: int) ->
 
 
 def _softmax_parts(logits_xV: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """(row max, exp(logits − max), Σ exp) over the last dim, in float32."""
-  logits = logits_xV.astype(jnp.float32)
-  max_x = jax.lax.stop_gradient(jnp.max(logits, axis=-1))
-  unnormalised_xV = jnp.exp(logits - max_x[..., None])
+  """(row max, exp(logits − max), Σ exp) over the last dim of float32 logits."""
+  max_x = jnp.max(logits_xV, axis=-1)
+  unnormalised_xV = jnp.exp(logits_xV - max_x[..., None])
   return max_x, unnormalised_xV, jnp.sum(unnormalised_xV, axis=-1)
 
 
 def _nll(logits_xV, max_x, sum_x, targets_x):
   target_logit_x = jnp.take_along_axis(logits_xV, targets_x[..., None], axis=-1)[..., 0]
-  return max_x + jnp.log(sum_x) - target_logit_x.astype(jnp.float32)
+  return max_x + jnp.log(sum_x) - target_logit_x
 
 
 def _nll_gradient(unnormalised_xV, sum_x, targets_x, scale_x):

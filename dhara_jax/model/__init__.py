@@ -64,7 +64,7 @@ def output_head(cfg: ModelConfig, params: Params) -> Head:
     kernel, transposed = params["embed"]["embedding"], True
   else:
     kernel, transposed = params["lm_head"]["kernel"], False
-  return Head(kernel, transposed, float(cfg.final_logit_softcap or 0.0))
+  return Head(kernel, transposed, cfg.final_logit_softcap)
 
 
 def _apply(cfg, params, tokens_BxL, segment_ids_BxL, positions_BxL, head):

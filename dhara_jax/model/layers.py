@@ -123,6 +123,11 @@ def _split_axis(shape: tuple[int, ...], perm: tuple[int, ...]) -> int | None:
 matmul.defvjp(_matmul_fwd, _matmul_bwd)
 
 
+def soft_cap(x: jax.Array, cap: float) -> jax.Array:
+  """cap·tanh(x/cap) (Gemma's logit soft-capping); x itself when cap is 0."""
+  return cap * jnp.tanh(x / cap) if cap else x
+
+
 class Dense(nn.Module):
   """y = x @ W (+ b) with a 2-D kernel.
 

@@ -12,7 +12,7 @@ from dhara_jax.config import ModelConfig
 from dhara_jax.model.attention import Attention
 from dhara_jax.model.conv import causal_depthwise_conv
 from dhara_jax.model.canon import maybe_canon, torch_conv_init
-from dhara_jax.model.layers import Dense, Embed, Norm
+from dhara_jax.model.layers import Dense, Embed, Norm, soft_cap
 from dhara_jax.model.mlp import Mlp
 from dhara_jax.model.masks import attention_mask, segment_positions
 from dhara_jax.model.moe import MoeMlp
@@ -135,7 +135,5 @@ class Transformer(nn.Module):
     else:
       logits_BxLxV = Dense(cfg.vocab_size, ("embed", "vocab"), False, cfg.init_std, dtype,
                            out_dtype=jnp.float32, name="lm_head")(x_BxLxD)
-    if cfg.final_logit_softcap:
-      cap = cfg.final_logit_softcap
-      logits_BxLxV = cap * jnp.tanh(logits_BxLxV / cap)
+    logits_BxLxV = soft_cap(logits_BxLxV, cfg.final_logit_softcap)
     return nn.with_logical_constraint(logits_BxLxV, ("batch", "length", "vocab"))
