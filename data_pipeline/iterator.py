@@ -28,7 +28,7 @@ from data_pipeline.packing import pack, split_targets, with_eos
 from data_pipeline.sources import open_source
 from data_pipeline.tokenizer import Tokenizer, load_tokenizer
 from dhara_jax.errors import ConfigError, DharaError
-from dhara_jax.sharding import batch_sharding
+from dhara_jax.sharding import batch_shards, batch_sharding
 
 
 def _source_seed(seed: int, index: int) -> int:
@@ -164,7 +164,7 @@ def make_train_iterator(cfg: DataConfig, mesh: Mesh | None = None, *,
       raise ConfigError("make_train_iterator: with a mesh, process_index/process_count must be "
                         "JAX's own")
     process_index, process_count = jax.process_index(), jax.process_count()
-    dp = mesh.shape["data"] * mesh.shape["fsdp"]
+    dp = batch_shards(mesh)
     if cfg.batch_size % dp:
       raise ConfigError(f"data.batch_size: {cfg.batch_size} rows do not split over "
                         f"data × fsdp = {dp} devices")

@@ -95,6 +95,11 @@ def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
   return NamedSharding(mesh, PartitionSpec(("data", "fsdp"), *([None] * (ndim - 1))))
 
 
+def batch_shards(mesh: Mesh) -> int:
+  """How many pieces `batch_sharding` cuts the batch into (data × fsdp)."""
+  return mesh.shape["data"] * mesh.shape["fsdp"]
+
+
 def axis_rules() -> Any:
   """Context manager that activates LOGICAL_RULES for `nn.with_logical_constraint`."""
   return nn.logical_axis_rules(LOGICAL_RULES)

@@ -19,7 +19,7 @@ from dhara_jax.config import Config
 from dhara_jax.model import forward_hidden, init_params, output_head
 from dhara_jax.objectives import ar_loss, logit_chunks
 from dhara_jax.optim import learning_rate, optimizer
-from dhara_jax.sharding import axis_rules, batch_sharding, param_shardings
+from dhara_jax.sharding import axis_rules, batch_shards, batch_sharding, param_shardings
 
 State = dict[str, Any]
 Batch = dict[str, jax.Array]
@@ -77,21 +77,21 @@ def make_train_step(cfg: Config, mesh: Mesh, tx: optax.GradientTransformation,
   normalisation by the batch's token count, clipping + AdamW, metrics."""
   accum = cfg.train.grad_accum
   schedule = learning_rate(cfg.train)
-  batch_shards = mesh.shape["data"] * mesh.shape["fsdp"]
+  shards = batch_shards(mesh)
 
   def split_microbatches(x: jax.Array) -> jax.Array:
     """(B, ...) → (accum, B/accum, ...) taking every device's local rows in equal parts, so
     each microbatch stays spread over all batch shards (no data movement)."""
-    if x.shape[0] % (batch_shards * accum):
+    if x.shape[0] % (shards * accum):
       return x.reshape(accum, x.shape[0] // accum, *x.shape[1:])
-    local = x.shape[0] // batch_shards
-    x = x.reshape(batch_shards, accum, local // accum, *x.shape[1:])
+    local = x.shape[0] // shards
+    x = x.reshape(shards, accum, local // accum, *x.shape[1:])
     return jnp.swapaxes(x, 0, 1).reshape(accum, x.shape[0] * x.shape[2], *x.shape[3:])
 
   def step(state: State, batch: Batch) -> tuple[State, dict]:
     params = state["params"]
     micro = jax.tree.map(split_microbatches, batch)
-    grad_fn = jax.grad(functools.partial(loss_sum, cfg, batch_shards=batch_shards),
+    grad_fn = jax.grad(functools.partial(loss_sum, cfg, batch_shards=shards),
                        has_aux=True)
 
     def accumulate(carry, microbatch):
@@ -121,10 +121,10 @@ def make_train_step(cfg: Config, mesh: Mesh, tx: optax.GradientTransformation,
 
 def make_eval_step(cfg: Config, mesh: Mesh, shardings: State) -> Callable[[Any, Batch], dict]:
   """jit(params, batch) → {loss sum, token count} on held-out data."""
-  batch_shards = mesh.shape["data"] * mesh.shape["fsdp"]
+  shards = batch_shards(mesh)
 
   def evaluate(params: Any, batch: Batch) -> dict:
-    _, (total, count) = loss_sum(cfg, params, batch, batch_shards)
+    _, (total, count) = loss_sum(cfg, params, batch, shards)
     return {"loss_sum": total, "tokens": count}
 
   replicated = NamedSharding(mesh, PartitionSpec())
