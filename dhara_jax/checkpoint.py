@@ -9,11 +9,12 @@ run killed mid-save resumes from the previous checkpoint.
 from __future__ import annotations
 
 import dataclasses
+import os
+import socket
 from pathlib import Path
 from typing import Any
 
 import grain
-import jax
 import orbax.checkpoint as ocp
 from etils import epath
 
@@ -53,24 +54,32 @@ class FileRestore(ocp.args.CheckpointArgs):
   pass
 
 
-def _check_writable(directory: epath.Path) -> None:
-  """One clear line now rather than an orbax traceback at the first save."""
-  probe = directory / f".write_test_{jax.process_index()}"  # one per host: no races
+def ensure_writable(directory: epath.PathLike, what: str) -> None:
+  """Creates `directory` and writes a probe file in it: one clear line now (naming it as
+  `what`) rather than a traceback at the first save."""
+  directory = epath.Path(directory)
+  # One probe per process (no races between hosts), named without asking JAX: this runs
+  # before jax.distributed.initialize().
+  probe = directory / f".write_test_{socket.gethostname()}_{os.getpid()}"
   try:
     directory.mkdir(parents=True, exist_ok=True)
     probe.write_text("")
     probe.unlink()
   except Exception as e:  # local OSErrors and the bucket clients' own errors alike
-    raise DharaError(f"train: checkpoint dir {directory} is not writable "
+    raise DharaError(f"train: {what} {directory} is not writable "
                      f"({getattr(e, 'strerror', None) or e})") from None
+
+
+def checkpoint_directory(run_dir: Path, directory: str = "") -> epath.Path:
+  """`directory` (`train.checkpoint_dir`), or RUN_DIR/checkpoints when empty. An epath serves
+  local folders (made absolute) and buckets (gs://...) alike."""
+  return epath.Path(directory if "://" in directory else
+                    Path(directory or Path(run_dir) / "checkpoints").resolve())
 
 
 class Checkpointer:
   def __init__(self, run_dir: Path, keep: int, async_save: bool = True, directory: str = ""):
-    # An epath serves local folders (made absolute) and buckets (gs://...) alike.
-    self.directory = epath.Path(directory if "://" in directory else
-                                Path(directory or Path(run_dir) / "checkpoints").resolve())
-    _check_writable(self.directory)
+    self.directory = checkpoint_directory(run_dir, directory)
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
                                            enable_async_checkpointing=async_save)
     self.manager = ocp.CheckpointManager(self.directory, options=options)

@@ -21,7 +21,7 @@ import yaml
 from jax.sharding import Mesh
 
 from dhara_jax import config as config_lib
-from dhara_jax.checkpoint import Checkpointer
+from dhara_jax.checkpoint import Checkpointer, checkpoint_directory, ensure_writable
 from dhara_jax.config import Config
 from dhara_jax.errors import DharaError
 from dhara_jax.metrics import MetricsWriter, mfu
@@ -37,13 +37,7 @@ NON_ARCH_FIELDS = ("dtype",)
 
 def prepare_run_dir(run_dir: Path) -> Path:
   run_dir = Path(run_dir)
-  try:
-    run_dir.mkdir(parents=True, exist_ok=True)
-    probe = run_dir / ".write_test"
-    probe.write_text("")
-    probe.unlink()
-  except OSError as e:
-    raise DharaError(f"train: run dir {run_dir} is not writable ({e.strerror or e})") from None
+  ensure_writable(run_dir, "run dir")
   return run_dir
 
 
@@ -101,6 +95,7 @@ def run(cfg: Config, run_dir: Path, data: Callable[[Config, Mesh], Data] = pipel
   data = data(cfg, mesh)
   tx, shardings = build(cfg, mesh)
   resolved = config_lib.to_dict(cfg)
+  ensure_writable(checkpoint_directory(run_dir, cfg.train.checkpoint_dir), "checkpoint dir")
   with contextlib.ExitStack() as cleanup:
     checkpoints = Checkpointer(run_dir, cfg.train.keep_checkpoints, cfg.train.async_checkpoint,
                                cfg.train.checkpoint_dir)
