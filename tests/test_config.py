@@ -95,6 +95,7 @@ BAD = [
      "model.experts_per_token"),
     (["optim.lr=1"], "optim"),
     (["mesh.data=0"], "mesh.data"),
+    (["train.logit_chunk_tokens=0"], "train.logit_chunk_tokens"),
     (["d_model=3"], "override"),
 ]
 
