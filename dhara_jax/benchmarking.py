@@ -1,11 +1,19 @@
 """Timing helpers shared by the scripts in bench/ (compile once, warm up, block, time), and the
-PyTorch peer they are compared against (imported lazily: only the benchmarks need torch)."""
+PyTorch peer they are compared against (imported lazily: only the benchmarks need torch).
+
+A comparison runs each side in its own process and lets them take turns: in one process each
+side's idle thread pools and heap slow the other down (torch's bf16 step measured 2.4 s alone
+and 2.6–2.9 s after JAX steps in the same process here)."""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
+import multiprocessing
 import os
 import time
+import traceback
 from typing import Any, Callable
 
 import jax
@@ -28,9 +36,10 @@ def seconds_per_call(fn: Callable[[], Any], steps: int, warmup: int = 1) -> floa
   return (time.perf_counter() - start) / steps
 
 
-def train_step_seconds(cfg: Config, tokens_BxL: np.ndarray, steps: int,
-                       mesh: MeshConfig = MeshConfig(1, 1, 1)) -> float:
-  """Seconds per full dhara-jax train step (forward, backward, clipping, AdamW) on one batch."""
+def jax_train_step(cfg: Config, tokens_BxL: np.ndarray,
+                   mesh: MeshConfig = MeshConfig(1, 1, 1)) -> Callable[[], jax.Array]:
+  """A full dhara-jax train step (forward, backward, clipping, AdamW) on one batch, as a
+  zero-argument call returning the loss; each call advances the optimizer state."""
   mesh = make_mesh(mesh, jax.devices()[:mesh.data * mesh.fsdp * mesh.tensor])
   tx, shardings = build(cfg, mesh)
   step = make_train_step(cfg, mesh, tx, shardings)
@@ -42,20 +51,84 @@ def train_step_seconds(cfg: Config, tokens_BxL: np.ndarray, steps: int,
     box["state"], metrics = step(box["state"], batch)  # the state is donated: keep the new one
     return metrics["loss"]
 
-  return seconds_per_call(one_step, steps)
+  return one_step
+
+
+def train_step_seconds(cfg: Config, tokens_BxL: np.ndarray, steps: int,
+                       mesh: MeshConfig = MeshConfig(1, 1, 1)) -> float:
+  """Seconds per full dhara-jax train step on one batch."""
+  return seconds_per_call(jax_train_step(cfg, tokens_BxL, mesh), steps)
+
+
+def interleaved_seconds(sides: dict[str, Callable[[], Callable[[], Any]]], steps: int,
+                        rounds: int) -> dict[str, list[float]]:
+  """Seconds per call of each side, per round. Each side is built by its (picklable) maker in
+  a process of its own and warmed up; then the sides take turns, `steps` calls each per round,
+  so a burst of outside load on a shared machine slows both sides' rounds alike."""
+  context = multiprocessing.get_context("spawn")  # a fork would inherit JAX's threads
+  workers = {}
+  for name, make in sides.items():
+    pipe, child_pipe = context.Pipe()
+    process = context.Process(target=_timing_worker, args=(make, steps, child_pipe), daemon=True)
+    process.start()
+    workers[name] = (process, pipe)
+  try:
+    for name in workers:
+      _receive(name, workers[name])  # warmed up
+    times = {name: [] for name in workers}
+    for _ in range(rounds):
+      for name, (_, pipe) in workers.items():
+        pipe.send("time")
+        times[name].append(_receive(name, workers[name]))
+    return times
+  finally:
+    for process, pipe in workers.values():
+      with contextlib.suppress(OSError):  # a side that already exited has closed its end
+        pipe.send("stop")
+      process.join(timeout=30)
+
+
+def _receive(name: str, worker: tuple[Any, Any]) -> Any:
+  process, pipe = worker
+  while not pipe.poll(1.0):
+    if not process.is_alive():
+      raise RuntimeError(f"benchmark side {name!r} exited with code {process.exitcode}")
+  status, value = pipe.recv()
+  if status == "error":
+    raise RuntimeError(f"benchmark side {name!r} failed: {value}")
+  return value
+
+
+def _timing_worker(make: Callable[[], Callable[[], Any]], steps: int, pipe: Any) -> None:
+  try:
+    fn = make()
+    jax.block_until_ready(fn())
+    pipe.send(("ready", None))
+    while pipe.recv() == "time":
+      pipe.send(("seconds", seconds_per_call(fn, steps, warmup=0)))
+  except Exception:  # the parent reports it; the traceback's last line says what failed
+    pipe.send(("error", traceback.format_exc().strip().splitlines()[-1]))
 
 
 def model_arguments(description: str) -> argparse.ArgumentParser:
   """The flags every model benchmark takes: which config, how deep, batch shape, dtype."""
   parser = argparse.ArgumentParser(description=description)
   parser.add_argument("--config", default="llama3")
-  parser.add_argument("--layers", type=int, default=8)
-  parser.add_argument("--batch", type=int, default=8)
-  parser.add_argument("--seq", type=int, default=512)
-  parser.add_argument("--steps", type=int, default=3)
+  parser.add_argument("--layers", type=_positive, default=8)
+  parser.add_argument("--batch", type=_positive, default=8)
+  parser.add_argument("--seq", type=_positive, default=512)
+  parser.add_argument("--steps", type=_positive, default=3, help="timed steps per side per round")
+  parser.add_argument("--rounds", type=_positive, default=3,
+                      help="rounds in which the two sides take turns; medians are reported")
   parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                       help="compute dtype on both sides (torch: CPU autocast); weights stay f32")
   return parser
+
+
+def _positive(text: str) -> int:
+  if not text.isdigit() or int(text) < 1:
+    raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+  return int(text)
 
 
 def load_benchmark(args: argparse.Namespace) -> tuple[Config, np.ndarray]:
@@ -72,10 +145,11 @@ def load_benchmark(args: argparse.Namespace) -> tuple[Config, np.ndarray]:
   return cfg, tokens
 
 
-def torch_step_seconds(model: Any, tokens_BxL: np.ndarray, steps: int, dtype: str,
-                       optimizer: bool) -> float:
-  """Seconds per transformers step on the same batch: next-token loss and backward, plus
-  global-norm clipping at 1.0 and AdamW (lr 5e-4, betas 0.9/0.95, wd 0.1) when `optimizer`."""
+def torch_train_step(model: Any, tokens_BxL: np.ndarray, dtype: str,
+                     optimizer: bool) -> Callable[[], Any]:
+  """A transformers step on the same batch, as a zero-argument call returning the loss:
+  next-token loss and backward, plus global-norm clipping at 1.0 and AdamW (lr 5e-4, betas
+  0.9/0.95, wd 0.1) when `optimizer`."""
   import torch
 
   ids = torch.tensor(tokens_BxL, dtype=torch.long)
@@ -92,11 +166,30 @@ def torch_step_seconds(model: Any, tokens_BxL: np.ndarray, steps: int, dtype: st
       opt.step()
     return loss
 
-  return seconds_per_call(step, steps)
+  return step
 
 
-def print_ratio(tokens_per_step: int, jax_seconds: float, torch_seconds: float) -> None:
-  jax_tps, torch_tps = tokens_per_step / jax_seconds, tokens_per_step / torch_seconds
-  print(f"dhara-jax       {jax_tps:9.1f} tok/s  ({jax_seconds:.2f} s/step)")
-  print(f"torch/hf        {torch_tps:9.1f} tok/s  ({torch_seconds:.2f} s/step)")
-  print(f"ratio jax/torch {jax_tps / torch_tps:.2f}x")
+def torch_side(hf_dir: str, tokens_BxL: np.ndarray, dtype: str,
+               optimizer: bool) -> Callable[[], Callable[[], Any]]:
+  """A maker for `interleaved_seconds`: the exported model's transformers step."""
+  return functools.partial(_torch_step_from_dir, hf_dir, tokens_BxL, dtype, optimizer)
+
+
+def _torch_step_from_dir(hf_dir, tokens_BxL, dtype, optimizer):
+  from dhara_jax.export.parity import load_torch_model
+  return torch_train_step(load_torch_model(hf_dir), tokens_BxL, dtype, optimizer)
+
+
+def print_ratio(tokens_per_step: int, jax_seconds: list[float],
+                torch_seconds: list[float]) -> None:
+  """Median tokens/s of each side over the rounds (with the range) and the ratio of medians,
+  plus the range of the per-round ratios."""
+  def line(name, seconds):
+    tps = tokens_per_step / np.asarray(seconds)
+    print(f"{name:15s} {np.median(tps):9.1f} tok/s  ({np.median(seconds):.2f} s/step; "
+          f"{tps.min():.1f}–{tps.max():.1f} over {len(seconds)} rounds)")
+  line("dhara-jax", jax_seconds)
+  line("torch/hf", torch_seconds)
+  per_round = np.asarray(torch_seconds) / np.asarray(jax_seconds)
+  print(f"ratio jax/torch {np.median(torch_seconds) / np.median(jax_seconds):.2f}x "
+        f"(per round {per_round.min():.2f}–{per_round.max():.2f}x)")

@@ -1,12 +1,17 @@
-"""The benchmark scripts run end to end at toy sizes and print their comparison line (what they
-measure is not asserted: timings are not test material)."""
+"""The benchmark scripts run end to end at toy sizes and print their comparison line, and the
+side-by-side timer runs each side every round (what they measure is not asserted: timings are
+not test material)."""
 
+import functools
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
+
+from dhara_jax.benchmarking import interleaved_seconds
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -32,3 +37,17 @@ def test_benchmark_script_runs(script):
   assert proc.returncode == 0, proc.stderr[-2000:]
   match = re.search(pattern, proc.stdout, re.MULTILINE)
   assert match and float(match.group(1)) > 0, proc.stdout
+
+
+def test_interleaved_seconds_times_every_side_every_round():
+  quick = functools.partial(functools.partial, time.sleep, 0.01)  # maker of a 10 ms call
+  times = interleaved_seconds({"a": quick, "b": quick}, steps=2, rounds=3)
+  assert set(times) == {"a", "b"}
+  assert all(len(t) == 3 and min(t) >= 0.01 for t in times.values()), times
+
+
+def test_interleaved_seconds_reports_a_failing_side_in_one_line():
+  quick = functools.partial(functools.partial, time.sleep, 0.01)
+  broken = functools.partial(int, "not a number")  # the maker itself raises
+  with pytest.raises(RuntimeError, match=r"^benchmark side 'broken' failed: ValueError: invalid"):
+    interleaved_seconds({"ok": quick, "broken": broken}, steps=1, rounds=1)
