@@ -164,8 +164,22 @@ def build_parser() -> argparse.ArgumentParser:
   return parser
 
 
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+  """Arguments of one command; key=value overrides may also follow its options (argparse alone
+  stops collecting positionals at the first option)."""
+  parser = build_parser()
+  args, rest = parser.parse_known_args(argv)
+  late = [a for a in rest if "=" in a and not a.startswith("-")]
+  unknown = [a for a in rest if a not in late]
+  if unknown or (late and not hasattr(args, "overrides")):
+    parser.error(f"unrecognized arguments: {' '.join(rest)}")
+  if late:
+    args.overrides = [*args.overrides, *late]
+  return args
+
+
 def main(argv: list[str] | None = None) -> int:
-  args = build_parser().parse_args(argv)
+  args = parse(argv)
   try:
     return args.func(args)
   except DharaError as e:

@@ -3,7 +3,7 @@ import sys
 
 import pytest
 
-from dhara_jax import config
+from dhara_jax import cli, config
 from dhara_jax.config import FAMILIES, ModelConfig
 from dhara_jax.errors import ConfigError
 
@@ -126,3 +126,14 @@ def test_invalid_yaml_is_reported(tmp_path):
   bad.write_text("model: [unclosed\n")
   with pytest.raises(ConfigError, match="not valid YAML"):
     config.load(bad)
+
+
+def test_cli_overrides_may_follow_options():
+  args = cli.parse(["train", "llama3", "train.seed=1", "--steps", "2", "model.d_model=64",
+                    "--run-dir", "r"])
+  assert args.overrides == ["train.seed=1", "model.d_model=64"]
+  assert (args.steps, args.run_dir) == (2, "r")
+  for stray in (["plot", "r", "model.d_model=64"], ["train", "llama3", "--bogus"]):
+    with pytest.raises(SystemExit) as exit_info:  # argparse's usage error
+      cli.parse(stray)
+    assert exit_info.value.code == 2
