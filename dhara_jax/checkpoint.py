@@ -9,8 +9,10 @@ run killed mid-save resumes from the previous checkpoint.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import socket
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -97,8 +99,7 @@ class Checkpointer:
     self.manager.save(step, args=ocp.args.Composite(**items), force=True)
 
   def saved_config(self, step: int) -> dict:
-    return self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))[
-        "config"]
+    return self._restore(step, config=ocp.args.JsonRestore())["config"]
 
   def restore(self, step: int, abstract_state: Any, data_iterator: Any) -> Any:
     """Restores the state into the shardings of `abstract_state` (ShapeDtypeStructs), which
@@ -107,11 +108,24 @@ class Checkpointer:
     # A checkpoint made by `dhara import` has no data state: the stream then starts fresh.
     if data_iterator is not None and (self.directory / str(step) / "data").exists():
       items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
-    return self.manager.restore(step, args=ocp.args.Composite(**items))["state"]
+    return self._restore(step, **items)["state"]
 
   def restore_tokenizer(self, step: int) -> bytes:
-    return self.manager.restore(step, args=ocp.args.Composite(tokenizer=FileRestore()))[
-        "tokenizer"]
+    return self._restore(step, tokenizer=FileRestore())["tokenizer"]
+
+  def _restore(self, step: int, **items: ocp.args.CheckpointArgs) -> Any:
+    """The manager's restore, with a missing or damaged checkpoint reported in one line."""
+    step_dir = self.directory / str(step)
+    if not step_dir.exists():
+      raise DharaError(f"checkpoint: no step {step} in {self.directory}")
+    try:
+      return self.manager.restore(step, args=ocp.args.Composite(**items))
+    except DharaError:
+      raise
+    except Exception as e:  # orbax, tensorstore and file errors alike
+      _silence_abandoned_reads()
+      raise DharaError(f"checkpoint: {step_dir} is unreadable ({_root_cause(e)}); move it "
+                       "aside to use an earlier checkpoint") from None
 
   def wait(self) -> None:
     self.manager.wait_until_finished()
@@ -119,3 +133,28 @@ class Checkpointer:
   def close(self) -> None:
     self.manager.close()
 
+
+def _root_cause(error: Exception) -> str:
+  """The first and last links of a tensorstore-style 'A: B: ...: cause [spec]' message."""
+  lines = str(error).split(" [tensorstore_spec")[0].strip().splitlines()
+  if not lines:
+    return type(error).__name__
+  links = lines[0].split(": ")
+  return (f"{links[0]}: {links[-1]}" if len(links) > 2 else lines[0])[:300]
+
+
+def _silence_abandoned_reads() -> None:
+  """After a failed restore, orbax has closed its event loop while tensorstore still finishes
+  the other reads; each then reports 'Event loop is closed' as an unraisable exception, and
+  their failed futures are logged as never retrieved when collected: a screenful of tracebacks
+  under our one-line error. Drop exactly those."""
+  logging.getLogger("asyncio").addFilter(
+      lambda record: "exception was never retrieved" not in record.getMessage())
+  previous = sys.unraisablehook
+
+  def hook(unraisable):
+    if not (isinstance(unraisable.exc_value, RuntimeError)
+            and str(unraisable.exc_value) == "Event loop is closed"):
+      previous(unraisable)
+
+  sys.unraisablehook = hook

@@ -39,8 +39,6 @@ def restore_params(run_dir: Path, step: int | None = None) -> tuple[Config, Any,
   tx, shardings = build(cfg, mesh)
   try:
     state = checkpoints.restore(step, abstract_state(cfg, tx, shardings), None)
-  except FileNotFoundError:
-    raise DharaError(f"run: {run_dir} has no checkpoint for step {step}") from None
   finally:
     checkpoints.close()
   return cfg, state["params"], step

@@ -176,6 +176,27 @@ def test_nan_stops_with_one_line_and_keeps_last_good_checkpoint(tmp_path):
   assert saved and max(saved) == bad_step - 1 and f"step {bad_step - 1}" in line
 
 
+def test_damaged_checkpoint_is_one_line_and_an_earlier_one_resumes(tmp_path):
+  args = ["configs/runs/quickstart.yaml", *TINY_RUN, "train.steps=4", "--run-dir", str(tmp_path),
+          "--no-progress"]
+  assert _dhara("train", *args).returncode == 0
+  for f in (tmp_path / "checkpoints" / "4" / "state").rglob("d/*"):  # truncate the array data
+    f.write_bytes(f.read_bytes()[:f.stat().st_size // 2])
+  for proc in (_dhara("train", *args[:-3], "train.steps=6", *args[-3:]),
+               _dhara("export", str(tmp_path), "--out", str(tmp_path / "hf"))):
+    assert proc.returncode == 2
+    # One line, no tracebacks (the test's 8 fake devices add a logged mesh warning).
+    lines = [l for l in proc.stderr.strip().splitlines() if not l.startswith("WARNING:")]
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith(f"error: checkpoint: {tmp_path / 'checkpoints' / '4'} is "
+                               "unreadable (") and "move it aside" in lines[0]
+  assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["2", "4"]
+  (tmp_path / "checkpoints" / "4").rename(tmp_path / "step4_damaged")
+  proc = _dhara("train", *args[:-3], "train.steps=6", *args[-3:])
+  assert proc.returncode == 0, proc.stderr
+  assert "steps 2→6" in proc.stdout
+
+
 def test_export_and_import_of_a_run(tmp_path):
   from dhara_jax.export.parity import load_torch_model, torch_logits
   from dhara_jax.model import forward
