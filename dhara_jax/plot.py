@@ -33,6 +33,10 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
   ax_lr.plot([r["step"] for r in trained], [r["lr"] for r in trained])
   ax_lr.set(xlabel="step", ylabel="learning rate")
   fig.tight_layout()
-  fig.savefig(out, dpi=100)
-  plt.close(fig)
+  try:
+    fig.savefig(out, dpi=100)
+  except OSError as e:
+    raise DharaError(f"plot: cannot write {out} ({e.strerror or e})") from None
+  finally:
+    plt.close(fig)
   return out

@@ -128,6 +128,8 @@ def test_run_dir_contents_and_tokenizer_in_checkpoint(tmp_path):
   checkpoints.close()
   png = plot_run(tmp_path)
   assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+  with pytest.raises(DharaError, match="plot: cannot write .*missing"):
+    plot_run(tmp_path, tmp_path / "missing" / "curves.png")
 
 
 def test_checkpoint_dir_elsewhere(tmp_path):

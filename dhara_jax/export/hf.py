@@ -373,7 +373,7 @@ def config_from_hf(hf: dict) -> ModelConfig:
   model_type = hf.get("model_type")
   if model_type not in MODEL_TYPE_TO_FAMILY:
     raise DharaError(f"import: model_type {model_type!r} is not one of "
-                     f"{', '.join(MODEL_TYPE_TO_FAMILY)}")
+                     f"{', '.join(MODEL_TYPE_TO_FAMILY)}, dhara (our custom-code exports)")
   family = MODEL_TYPE_TO_FAMILY[model_type]
   spec = FAMILY_SPECS[family]
   fields = {"family": family, **spec.requires}
