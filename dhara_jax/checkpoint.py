@@ -110,7 +110,10 @@ class Checkpointer:
       items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
     return self._restore(step, **items)["state"]
 
-  def restore_tokenizer(self, step: int) -> bytes:
+  def restore_tokenizer(self, step: int) -> bytes | None:
+    """The tokenizer model saved with `step`, or None (`dhara import` checkpoints have none)."""
+    if not (self.directory / str(step) / "tokenizer").exists():
+      return None
     return self._restore(step, tokenizer=FileRestore())["tokenizer"]
 
   def _restore(self, step: int, **items: ocp.args.CheckpointArgs) -> Any:

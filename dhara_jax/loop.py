@@ -107,6 +107,12 @@ def run(cfg: Config, run_dir: Path, data: Callable[[Config, Mesh], Data] = pipel
       if problems:
         raise DharaError(f"train: {run_dir} holds a checkpoint of another architecture "
                          f"({problems[0]}); use a new --run-dir")
+      saved_tokenizer = checkpoints.restore_tokenizer(latest)
+      if (saved_tokenizer is not None and data.tokenizer_path is not None
+          and saved_tokenizer != data.tokenizer_path.read_bytes()):
+        raise DharaError(f"train: {run_dir} was trained with another tokenizer than "
+                         f"{data.tokenizer_path} (its checkpoint holds the one it used); use a "
+                         f"new --run-dir, or set data.tokenizer to the run's copy in {run_dir}")
       state = checkpoints.restore(latest, abstract_state(cfg, tx, shardings), data.train)
     else:
       state = init_state(cfg, mesh, tx, shardings)

@@ -148,10 +148,16 @@ def test_checkpoint_dir_elsewhere(tmp_path):
   assert summary["steps"] == 3 and [r["step"] for r in read_metrics(tmp_path / "run")][-1] == 3
 
 
-def test_other_architecture_and_unwritable_dir_are_refused(tmp_path):
+def test_other_architecture_tokenizer_and_unwritable_dir_are_refused(tmp_path):
+  from data_pipeline import commands
+
   run(tiny_run("train.steps=2"), tmp_path, progress=False)
   with pytest.raises(DharaError, match="another architecture.*model.d_model"):
     run(tiny_run("model.d_model=64"), tmp_path, progress=False)
+  other = tmp_path / "other_4k.model"  # same size and special tokens, other pieces
+  commands.tokenizer_train(tiny_run(f"data.tokenizer={other}", "data.tokenizer_sample_chars=500000"))
+  with pytest.raises(DharaError, match="trained with another tokenizer than .*other_4k.model"):
+    run(tiny_run(f"data.tokenizer={other}"), tmp_path, progress=False)
   blocker = tmp_path / "file"
   blocker.write_text("")
   with pytest.raises(DharaError, match="run dir .* not writable"):
