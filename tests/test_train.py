@@ -155,7 +155,8 @@ def test_other_architecture_tokenizer_and_unwritable_dir_are_refused(tmp_path):
   with pytest.raises(DharaError, match="another architecture.*model.d_model"):
     run(tiny_run("model.d_model=64"), tmp_path, progress=False)
   other = tmp_path / "other_4k.model"  # same size and special tokens, other pieces
-  commands.tokenizer_train(tiny_run(f"data.tokenizer={other}", "data.tokenizer_sample_chars=500000"))
+  commands.tokenizer_train(tiny_run(f"data.tokenizer={other}",
+                                    "data.tokenizer_sample_chars=500000"))
   with pytest.raises(DharaError, match="trained with another tokenizer than .*other_4k.model"):
     run(tiny_run(f"data.tokenizer={other}"), tmp_path, progress=False)
   blocker = tmp_path / "file"
