@@ -20,6 +20,7 @@ import jax
 import numpy as np
 
 from dhara_jax import config
+from dhara_jax.cli import positive_int
 from dhara_jax.config import Config, MeshConfig
 from dhara_jax.sharding import make_mesh
 from dhara_jax.train import build, init_state, make_train_step
@@ -114,21 +115,15 @@ def model_arguments(description: str) -> argparse.ArgumentParser:
   """The flags every model benchmark takes: which config, how deep, batch shape, dtype."""
   parser = argparse.ArgumentParser(description=description)
   parser.add_argument("--config", default="llama3")
-  parser.add_argument("--layers", type=_positive, default=8)
-  parser.add_argument("--batch", type=_positive, default=8)
-  parser.add_argument("--seq", type=_positive, default=512)
-  parser.add_argument("--steps", type=_positive, default=3, help="timed steps per side per round")
-  parser.add_argument("--rounds", type=_positive, default=3,
+  parser.add_argument("--layers", type=positive_int, default=8)
+  parser.add_argument("--batch", type=positive_int, default=8)
+  parser.add_argument("--seq", type=positive_int, default=512)
+  parser.add_argument("--steps", type=positive_int, default=3, help="timed steps per side per round")
+  parser.add_argument("--rounds", type=positive_int, default=3,
                       help="rounds in which the two sides take turns; medians are reported")
   parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                       help="compute dtype on both sides (torch: CPU autocast); weights stay f32")
   return parser
-
-
-def _positive(text: str) -> int:
-  if not text.isdigit() or int(text) < 1:
-    raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-  return int(text)
 
 
 def load_benchmark(args: argparse.Namespace) -> tuple[Config, np.ndarray]:

@@ -106,14 +106,14 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("config", help="config file or preset name (e.g. llama3, shapes/gpt2_32l)")
   p.add_argument("overrides", nargs="*", help="section.key=value overrides")
   p.add_argument("--json", action="store_true", help="print JSON instead of a table")
-  p.add_argument("--seq-len", type=int, default=None, help="context for FLOPs (default: max)")
+  p.add_argument("--seq-len", type=positive_int, default=None, help="context for FLOPs (default: max)")
   p.set_defaults(func=_params)
 
   p = sub.add_parser("train", help="train (resumes from the run dir's latest checkpoint)")
   p.add_argument("config", help="config file or preset")
   p.add_argument("overrides", nargs="*", help="section.key=value overrides")
   p.add_argument("--run-dir", default=None, help="default: runs/<config name>")
-  p.add_argument("--steps", type=int, default=None,
+  p.add_argument("--steps", type=positive_int, default=None,
                  help="stop at this step (the schedule still spans train.steps)")
   p.add_argument("--no-progress", action="store_true", help="no progress bar")
   p.set_defaults(func=_train)
@@ -121,7 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
   p = sub.add_parser("export", help="a run's checkpoint → transformers directory")
   p.add_argument("run_dir")
   p.add_argument("--out", required=True)
-  p.add_argument("--step", type=int, default=None, help="default: latest checkpoint")
+  p.add_argument("--step", type=non_negative_int, default=None, help="default: latest checkpoint")
   p.add_argument("--code", choices=("auto", "transformers", "custom"), default="auto",
                  help="transformers class or custom code (auto: the class when it fits)")
   p.set_defaults(func=_export)
@@ -162,6 +162,20 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--out", required=True, help="output folder (one dataset per source)")
   p.set_defaults(func=_data_tfds)
   return parser
+
+
+def positive_int(text: str) -> int:
+  """argparse type: 1, 2, ... (a usage error otherwise)."""
+  if not text.isdigit() or int(text) < 1:
+    raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+  return int(text)
+
+
+def non_negative_int(text: str) -> int:
+  """argparse type: 0, 1, ... (a usage error otherwise)."""
+  if not text.isdigit():
+    raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
+  return int(text)
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:

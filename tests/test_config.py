@@ -128,12 +128,13 @@ def test_invalid_yaml_is_reported(tmp_path):
     config.load(bad)
 
 
-def test_cli_overrides_may_follow_options():
+def test_cli_overrides_may_follow_options_and_counts_are_checked():
   args = cli.parse(["train", "llama3", "train.seed=1", "--steps", "2", "model.d_model=64",
                     "--run-dir", "r"])
   assert args.overrides == ["train.seed=1", "model.d_model=64"]
   assert (args.steps, args.run_dir) == (2, "r")
-  for stray in (["plot", "r", "model.d_model=64"], ["train", "llama3", "--bogus"]):
+  for stray in (["plot", "r", "model.d_model=64"], ["train", "llama3", "--bogus"],
+                ["train", "llama3", "--steps", "0"], ["export", "r", "--out", "o", "--step", "-1"]):
     with pytest.raises(SystemExit) as exit_info:  # argparse's usage error
       cli.parse(stray)
     assert exit_info.value.code == 2
