@@ -39,8 +39,12 @@ def _train(args: argparse.Namespace) -> int:
   cfg = config.load(args.config, args.overrides)
   run_dir = Path(args.run_dir or Path("runs") / Path(args.config).stem)
   summary = loop.run(cfg, run_dir, stop_at=args.steps, progress=not args.no_progress)
-  print(f"run: {run_dir}  steps {summary['start_step']}→{summary['steps']}  "
-        f"loss {summary['final_loss']}  held-out {summary['eval_loss']}")
+  if summary["steps"] <= summary["start_step"]:
+    print(f"run: {run_dir} is already at step {summary['start_step']} (asked to train to "
+          f"{summary['steps']}); nothing to do")
+  else:
+    print(f"run: {run_dir}  steps {summary['start_step']}→{summary['steps']}  "
+          f"loss {summary['final_loss']}  held-out {summary['eval_loss']}")
   return 0
 
 

@@ -204,6 +204,8 @@ def test_damaged_checkpoint_is_one_line_and_an_earlier_one_resumes(tmp_path):
   proc = _dhara("train", *args[:-3], "train.steps=6", *args[-3:])
   assert proc.returncode == 0, proc.stderr
   assert "steps 2→6" in proc.stdout
+  proc = _dhara("train", *args)  # to step 4, but the run is at 6
+  assert proc.returncode == 0 and "already at step 6 (asked to train to 4)" in proc.stdout
 
 
 def test_export_and_import_of_a_run(tmp_path):
