@@ -1,8 +1,11 @@
 """Train state, the sharded train step and the held-out eval step.
 
-The state is a plain dict {params, opt_state, step}: parameters and AdamW moments in float32
-(the model computes in `model.dtype`), sharded by the logical rules. One `jax.jit` per step
-function, with explicit in/out shardings; the train step donates the old state.
+The state is a plain dict {params, opt_state, step, rng}: parameters and AdamW moments in
+float32 (the model computes in `model.dtype`), sharded by the logical rules; `rng` is the run's
+PRNG key (raw key data, replicated), split once per step and checkpointed with the rest, so an
+objective that draws randomness (the diffusion objective's masks) resumes exactly. One
+`jax.jit` per step function, with explicit in/out shardings; the train step donates the old
+state.
 """
 
 from __future__ import annotations
@@ -33,12 +36,13 @@ def state_shardings(cfg: Config, mesh: Mesh, tx: optax.GradientTransformation) -
   opt = optax.tree_map_params(tx, lambda _, sharding: sharding, jax.eval_shape(tx.init, abstract_params),
                               params, transform_non_params=lambda _: replicated,
                               is_leaf=lambda x: isinstance(x, NamedSharding))
-  return {"params": params, "opt_state": opt, "step": replicated}
+  return {"params": params, "opt_state": opt, "step": replicated, "rng": replicated}
 
 
 def fresh_state(cfg: Config, tx: optax.GradientTransformation, key: jax.Array) -> State:
   params = init_params(cfg.model, key)
-  return {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32)}
+  return {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32),
+          "rng": jax.random.key_data(jax.random.fold_in(key, 1))}  # a stream apart from init's
 
 
 def abstract_state(cfg: Config, tx: optax.GradientTransformation, shardings: State) -> State:
@@ -106,7 +110,10 @@ def make_train_step(cfg: Config, mesh: Mesh, tx: optax.GradientTransformation,
     grads = jax.tree.map(lambda g: g / count, grads)
     updates, opt_state = tx.update(grads, state["opt_state"], params)
     new_params = optax.apply_updates(params, updates)
-    new_state = {"params": new_params, "opt_state": opt_state, "step": state["step"] + 1}
+    # Each step splits off one key for its objective; the AR loss draws no randomness.
+    _, next_rng = jax.random.split(jax.random.wrap_key_data(state["rng"]))
+    new_state = {"params": new_params, "opt_state": opt_state, "step": state["step"] + 1,
+                 "rng": jax.random.key_data(next_rng)}
     # param_norm lets the loop refuse to checkpoint a state that overflowed in this update.
     metrics = {"loss": total / count, "grad_norm": optax.tree.norm(grads),
                "param_norm": optax.tree.norm(new_params), "lr": schedule(state["step"]),

@@ -104,11 +104,17 @@ def test_one_device_and_eight_devices_agree(tmp_path):
 
 def test_restore_onto_a_different_mesh_continues_the_run(tmp_path):
   straight = tmp_path / "straight"
-  run(tiny_run(), straight, progress=False)
+  end = run(tiny_run(), straight, progress=False)["state"]
   moved = tmp_path / "moved"
-  run(tiny_run("mesh.data=1", "mesh.fsdp=1", "mesh.tensor=1"), moved, stop_at=2, progress=False)
-  run(tiny_run("mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"), moved, progress=False)
+  half = run(tiny_run("mesh.data=1", "mesh.fsdp=1", "mesh.tensor=1"), moved, stop_at=2,
+             progress=False)["state"]
+  resumed = run(tiny_run("mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"), moved,
+                progress=False)["state"]
   np.testing.assert_allclose(losses(moved), losses(straight), rtol=1e-5)
+  # The PRNG key is checkpointed and advances once per step: resumed = uninterrupted.
+  assert not np.array_equal(half["rng"], end["rng"])
+  np.testing.assert_array_equal(resumed["rng"], end["rng"])
+  assert int(resumed["step"]) == int(end["step"]) == 6
 
 
 def test_run_dir_contents_and_tokenizer_in_checkpoint(tmp_path):
