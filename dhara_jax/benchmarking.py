@@ -16,8 +16,12 @@ import time
 import traceback
 from typing import Any, Callable
 
-import jax
-import numpy as np
+# Benchmark processes share one accelerator: JAX must not grab 75% of its memory when it
+# starts a backend (which it does lazily, after these imports).
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
 
 from dhara_jax import config
 from dhara_jax.cli import positive_int
@@ -41,7 +45,7 @@ def jax_train_step(cfg: Config, tokens_BxL: np.ndarray,
                    mesh: MeshConfig = MeshConfig(1, 1, 1)) -> Callable[[], jax.Array]:
   """A full dhara-jax train step (forward, backward, clipping, AdamW) on one batch, as a
   zero-argument call returning the loss; each call advances the optimizer state."""
-  mesh = make_mesh(mesh, jax.devices()[:mesh.data * mesh.fsdp * mesh.tensor])
+  mesh = make_mesh(mesh)
   tx, shardings = build(cfg, mesh)
   step = make_train_step(cfg, mesh, tx, shardings)
   batch = {"tokens": np.asarray(tokens_BxL, np.int32),
@@ -144,22 +148,23 @@ def torch_train_step(model: Any, tokens_BxL: np.ndarray, dtype: str,
                      optimizer: bool) -> Callable[[], Any]:
   """A transformers step on the same batch, as a zero-argument call returning the loss:
   next-token loss and backward, plus global-norm clipping at 1.0 and AdamW (lr 5e-4, betas
-  0.9/0.95, wd 0.1) when `optimizer`."""
+  0.9/0.95, wd 0.1) when `optimizer`. On a CUDA GPU when torch sees one (as JAX does)."""
   import torch
 
-  ids = torch.tensor(tokens_BxL, dtype=torch.long)
-  model.train()
+  device = "cuda" if torch.cuda.is_available() else "cpu"
+  model.to(device).train()
+  ids = torch.tensor(tokens_BxL, dtype=torch.long, device=device)
   opt = torch.optim.AdamW(model.parameters(), lr=5e-4, betas=(0.9, 0.95), weight_decay=0.1)
 
   def step():
     model.zero_grad(set_to_none=True)
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bfloat16"):
+    with torch.autocast(device, dtype=torch.bfloat16, enabled=dtype == "bfloat16"):
       loss = model(input_ids=ids, labels=ids).loss
     loss.backward()
     if optimizer:
       torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
       opt.step()
-    return loss
+    return loss.item()  # waits for the step on a GPU, like block_until_ready on the JAX side
 
   return step
 

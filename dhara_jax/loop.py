@@ -132,7 +132,7 @@ def _loop(cfg: Config, mesh: Mesh, tx: Any, shardings: Any, state: Any, data: Da
           last: int, last_good: int | None, progress: bool) -> dict:
   train_step = make_train_step(cfg, mesh, tx, shardings)
   eval_step = make_eval_step(cfg, mesh, shardings)
-  flops_per_token = count_params(cfg.model)["flops_per_token"]
+  flops_per_token = count_params(cfg.model, cfg.data.seq_len)["flops_per_token"]
   held_out = lambda params: evaluate(eval_step, params, data.eval_batches(),
                                      cfg.train.eval_batches)
   evaluating = data.eval_batches is not None and cfg.train.eval_every > 0

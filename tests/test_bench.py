@@ -22,6 +22,8 @@ SCRIPTS = {
                                       "--steps", "1"], r"ratio jax/torch (\d+\.\d+)x"),
     "input_pipeline.py": (["--tokens", "20000", "--seq", "128", "--batch", "2",
                            "--train-steps", "1"], r"ratio data/training: raw (\d+)x"),
+    "train_mfu.py": (["--steps", "1", "model.num_layers=1", "data.batch_size=8",
+                      "data.seq_len=64"], r"tok/s \(([\d.]+) s/step\)"),
     "canon_kernel.py": (["--batch", "1", "--channels", "128", "--dtype", "float32", "--impl",
                          "reference", "xla", "--iters", "1"],
                         r"^xla +fwd\+bwd +1×1024 +128 +float32 +[\d.]+ +([\d.]+)"),
