@@ -122,7 +122,8 @@ def model_arguments(description: str) -> argparse.ArgumentParser:
   parser.add_argument("--layers", type=positive_int, default=8)
   parser.add_argument("--batch", type=positive_int, default=8)
   parser.add_argument("--seq", type=positive_int, default=512)
-  parser.add_argument("--steps", type=positive_int, default=3, help="timed steps per side per round")
+  parser.add_argument("--steps", type=positive_int, default=3,
+                      help="timed steps per side per round")
   parser.add_argument("--rounds", type=positive_int, default=3,
                       help="rounds in which the two sides take turns; medians are reported")
   parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",

@@ -110,7 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("config", help="config file or preset name (e.g. llama3, shapes/gpt2_32l)")
   p.add_argument("overrides", nargs="*", help="section.key=value overrides")
   p.add_argument("--json", action="store_true", help="print JSON instead of a table")
-  p.add_argument("--seq-len", type=positive_int, default=None, help="context for FLOPs (default: max)")
+  p.add_argument("--seq-len", type=positive_int, default=None,
+                 help="context for FLOPs (default: max)")
   p.set_defaults(func=_params)
 
   p = sub.add_parser("train", help="train (resumes from the run dir's latest checkpoint)")
