@@ -127,6 +127,11 @@ class Checkpointer:
       raise
     except Exception as e:  # orbax, tensorstore and file errors alike
       _silence_abandoned_reads()
+      differing = _differing_entries(e)
+      if differing:
+        raise DharaError(f"checkpoint: {step_dir} holds a train state with other entries "
+                         f"({', '.join(differing[:3])}): it was written by another version of "
+                         "dhara-jax") from None
       raise DharaError(f"checkpoint: {step_dir} is unreadable ({_root_cause(e)}); move it "
                        "aside to use an earlier checkpoint") from None
 
@@ -144,6 +149,14 @@ def _root_cause(error: Exception) -> str:
     return type(error).__name__
   links = lines[0].split(": ")
   return (f"{links[0]}: {links[-1]}" if len(links) > 2 else lines[0])[:300]
+
+
+def _differing_entries(error: Exception) -> list[str]:
+  """The state entries named by orbax's 'tree structures do not match' error, if it is one."""
+  lines = str(error).splitlines()
+  if not lines or "tree structures do not match" not in lines[0]:
+    return []
+  return [line.rstrip(":") for line in lines[1:] if line.endswith(":") and line[:1].strip()]
 
 
 def _silence_abandoned_reads() -> None:

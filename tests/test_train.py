@@ -214,6 +214,21 @@ def test_damaged_checkpoint_is_one_line_and_an_earlier_one_resumes(tmp_path):
   assert proc.returncode == 0 and "already at step 6 (asked to train to 4)" in proc.stdout
 
 
+def test_checkpoint_of_another_state_layout_names_the_entries(tmp_path):
+  from dhara_jax.checkpoint import Checkpointer
+
+  checkpoints = Checkpointer(tmp_path, keep=1, async_save=False)
+  checkpoints.save(1, {"step": jnp.ones((), jnp.int32)}, None, {})
+  checkpoints.wait()
+  one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  wanted = {"step": jax.ShapeDtypeStruct((), jnp.int32, sharding=one),  # e.g. a newer state
+            "rng": jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=one)}
+  with pytest.raises(DharaError, match=r"^checkpoint: .*/1 holds a train state with other "
+                                       r"entries \(rng\): it was written by another version"):
+    checkpoints.restore(1, wanted, None)
+  checkpoints.close()
+
+
 def test_export_and_import_of_a_run(tmp_path):
   from dhara_jax.export.parity import load_torch_model, torch_logits
   from dhara_jax.model import forward
