@@ -9,6 +9,7 @@ from tiny import (compiled_dot_operand_types, logits_before_after_change, random
 from dhara_jax.config import FAMILIES
 from dhara_jax.model import forward, init_params
 from dhara_jax.model.conv import causal_depthwise_conv
+from dhara_jax.model.layers import rope_table
 from dhara_jax.model.masks import attention_mask, segment_positions
 from dhara_jax.model.moe import MoeMlp
 
@@ -34,6 +35,23 @@ def test_attention_mask_causal_segments_window():
 def test_segment_positions_restart_per_document():
   seg = jnp.array([[1, 1, 1, 2, 2, 3, 0, 0]])
   np.testing.assert_array_equal(segment_positions(seg), [[0, 1, 2, 0, 1, 0, 0, 1]])
+
+
+def test_rope_table_is_cos_sin_of_the_angles_and_no_sin_cos_runs_per_step():
+  positions = jnp.array([[0, 1, 2, 0, 1, 7]])
+  cos, sin = rope_table(positions, head_dim=8, theta=10_000.0, max_position=8)
+  angles = positions[..., None] * 10_000.0 ** (-jnp.arange(0, 8, 2) / 8)
+  np.testing.assert_allclose(cos, jnp.cos(angles), atol=1e-6)
+  np.testing.assert_allclose(sin, jnp.sin(angles), atol=1e-6)
+  cos, _ = rope_table(jnp.array([[3, 9]]), head_dim=8, theta=10_000.0, max_position=8)
+  assert np.isfinite(cos[0, 0]).all() and np.isnan(cos[0, 1]).all()  # past the table: NaN
+  # The table is a constant: the compiled gradient evaluates no sin/cos on activations.
+  cfg = tiny_config("llama3")
+  params = init_params(cfg, jax.random.key(0))
+  tokens = jnp.asarray(RNG.integers(0, cfg.vocab_size, (2, 16)))
+  grad = jax.jit(jax.grad(lambda p: jnp.sum(forward(cfg, p, tokens)[0])))
+  hlo = grad.lower(params).compile().as_text()
+  assert " sine(" not in hlo and " cosine(" not in hlo
 
 
 @pytest.mark.parametrize("kernel", [1, 3, 4])

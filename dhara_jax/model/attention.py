@@ -8,18 +8,19 @@ import jax.numpy as jnp
 
 from dhara_jax.config import ModelConfig
 from dhara_jax.model.canon import maybe_canon
-from dhara_jax.model.layers import Dense, Norm, apply_rope, matmul_at_b, transpose_copy
+from dhara_jax.model.layers import (Dense, Norm, RopeTable, apply_rope, matmul_at_b,
+                                    transpose_copy)
 
 
 class Attention(nn.Module):
   cfg: ModelConfig
-  rope_theta: float
   out_std: float
   local: bool = False  # a sliding-window layer
 
   @nn.compact
-  def __call__(self, x_BxLxD: jax.Array, positions_BxL: jax.Array, mask_Bx1xLxL: jax.Array,
+  def __call__(self, x_BxLxD: jax.Array, rope: RopeTable | None, mask_Bx1xLxL: jax.Array,
                segment_ids_BxL: jax.Array) -> jax.Array:
+    """`rope`: this layer's rotary table (None without RoPE)."""
     cfg = self.cfg
     dtype = jnp.dtype(cfg.dtype)
     heads, kv_heads, head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.resolved_head_dim
@@ -47,9 +48,9 @@ class Attention(nn.Module):
       q_BxLxHxK = q.reshape(batch, length, heads, head_dim)
       k_BxLxGxK = k.reshape(batch, length, kv_heads, head_dim)
       v_BxLxGxK = v.reshape(batch, length, kv_heads, head_dim)
-    if cfg.position == "rope":
-      q_BxLxHxK = apply_rope(q_BxLxHxK, positions_BxL, self.rope_theta)
-      k_BxLxGxK = apply_rope(k_BxLxGxK, positions_BxL, self.rope_theta)
+    if rope is not None:
+      q_BxLxHxK = apply_rope(q_BxLxHxK, rope)
+      k_BxLxGxK = apply_rope(k_BxLxGxK, rope)
 
     out_BxLxHxK = blocked_attention(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, mask_Bx1xLxL,
                                     scale=(cfg.query_scale_dim or head_dim) ** -0.5,

@@ -11,6 +11,7 @@ import functools
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 Axes = tuple[str | None, ...]
 
@@ -214,13 +215,26 @@ class Norm(nn.Module):
     return h.astype(x.dtype)
 
 
-def apply_rope(x_BxLxHxK: jax.Array, positions_BxL: jax.Array, theta: float) -> jax.Array:
+RopeTable = tuple[jax.Array, jax.Array]  # (cos, sin) of the rotary angles, each B×L×K/2
+
+
+def rope_table(positions_BxL: jax.Array, head_dim: int, theta: float,
+               max_position: int) -> RopeTable:
+  """cos and sin of the rotary angles, looked up by position in a table of positions
+  0 … max(max_position, L) − 1 computed at trace time: XLA:CPU evaluates sin/cos one element
+  at a time, and it fused them from the positions into each layer's rotation, forward and
+  backward (~3% of a CPU train step). Positions past the table give NaN, not a silent clamp."""
+  inv_freq_K2 = 1.0 / (theta ** (np.arange(0, head_dim, 2, dtype=np.float32) / head_dim))
+  rows = max(max_position, positions_BxL.shape[-1])
+  angles_PxK2 = np.arange(rows, dtype=np.float32)[:, None] * inv_freq_K2.astype(np.float32)
+  return tuple(jnp.take(jnp.asarray(table_PxK2), positions_BxL, axis=0, mode="fill",
+                        fill_value=jnp.nan)
+               for table_PxK2 in (np.cos(angles_PxK2), np.sin(angles_PxK2)))
+
+
+def apply_rope(x_BxLxHxK: jax.Array, table: RopeTable) -> jax.Array:
   """Rotary embedding in the rotate-half layout (the one transformers' Llama uses)."""
-  head_dim = x_BxLxHxK.shape[-1]
-  inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
-  angles_BxLxK2 = positions_BxL[..., None].astype(jnp.float32) * inv_freq
-  cos = jnp.cos(angles_BxLxK2)[:, :, None, :]
-  sin = jnp.sin(angles_BxLxK2)[:, :, None, :]
+  cos, sin = (t[:, :, None, :] for t in table)
   x = x_BxLxHxK.astype(jnp.float32)
   x1, x2 = jnp.split(x, 2, axis=-1)
   out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)

@@ -12,7 +12,7 @@ from dhara_jax.config import ModelConfig
 from dhara_jax.model.attention import Attention
 from dhara_jax.model.conv import causal_depthwise_conv
 from dhara_jax.model.canon import maybe_canon, torch_conv_init
-from dhara_jax.model.layers import Dense, Embed, Norm, soft_cap
+from dhara_jax.model.layers import Dense, Embed, Norm, RopeTable, rope_table, soft_cap
 from dhara_jax.model.mlp import Mlp
 from dhara_jax.model.masks import attention_mask, segment_positions
 from dhara_jax.model.moe import MoeMlp
@@ -53,7 +53,7 @@ class Block(nn.Module):
   kind: str  # a letter of ModelConfig.layer_pattern
 
   @nn.compact
-  def __call__(self, x_BxLxD: jax.Array, positions_BxL: jax.Array, segment_ids_BxL: jax.Array,
+  def __call__(self, x_BxLxD: jax.Array, rope: RopeTable | None, segment_ids_BxL: jax.Array,
                mask_Bx1xLxL: jax.Array | None) -> jax.Array:
     cfg = self.cfg
     dtype = jnp.dtype(cfg.dtype)
@@ -66,9 +66,8 @@ class Block(nn.Module):
     if self.kind == "C":
       h_BxLxD = ShortConv(cfg, out_std, name="conv")(h_BxLxD, segment_ids_BxL)
     else:
-      theta = cfg.local_rope_theta if self.kind == "L" else cfg.rope_theta
-      attention = Attention(cfg, theta, out_std, local=self.kind == "L", name="attn")
-      h_BxLxD = attention(h_BxLxD, positions_BxL, mask_Bx1xLxL, segment_ids_BxL)
+      attention = Attention(cfg, out_std, local=self.kind == "L", name="attn")
+      h_BxLxD = attention(h_BxLxD, rope, mask_Bx1xLxL, segment_ids_BxL)
     if cfg.sandwich_norm:
       h_BxLxD = norm("post_mixer_norm")(h_BxLxD)
     x_BxLxD = x_BxLxD + h_BxLxD
@@ -123,8 +122,13 @@ class Transformer(nn.Module):
              "L": attention_mask(segment_ids_BxL, causal=causal, window=cfg.sliding_window)
                   if "L" in cfg.layer_pattern else None,
              "C": None}
+    ropes = {kind: None for kind in "ALC"}
+    if cfg.position == "rope":  # one table per theta, shared by all layers using it
+      tables = {theta: rope_table(positions_BxL, cfg.resolved_head_dim, theta, cfg.max_seq_len)
+                for theta in {cfg.rope_theta, cfg.local_rope_theta}}
+      ropes.update(A=tables[cfg.rope_theta], L=tables[cfg.local_rope_theta])
     for i, kind in enumerate(cfg.layer_kinds):
-      x_BxLxD = Block(cfg, kind, name=f"layers_{i}")(x_BxLxD, positions_BxL, segment_ids_BxL,
+      x_BxLxD = Block(cfg, kind, name=f"layers_{i}")(x_BxLxD, ropes[kind], segment_ids_BxL,
                                                     masks[kind])
 
     x_BxLxD = Norm(cfg.norm, cfg.norm_eps, cfg.norm_unit_offset, name="final_norm")(x_BxLxD)
