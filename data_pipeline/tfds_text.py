@@ -13,6 +13,7 @@ from typing import Callable, Iterable
 import tensorflow_datasets as tfds
 
 from data_pipeline.config import DataConfig
+from dhara_jax.errors import DharaError
 from data_pipeline.sources import open_source
 
 
@@ -49,7 +50,11 @@ def build_tfds(cfg: DataConfig, index: int, out_dir: str | Path) -> Path:
       for text, _ in src.read_unit(k):
         yield text
 
-  builder = DharaText(documents=documents, data_dir=str(Path(out_dir) / cfg.sources[index].name),
-                      file_format="array_record")
+  data_dir = Path(out_dir) / cfg.sources[index].name
+  try:
+    data_dir.mkdir(parents=True, exist_ok=True)  # TFDS's own failure here is a traceback
+  except OSError as e:
+    raise DharaError(f"data tfds: cannot create {data_dir} ({e.strerror or e})") from None
+  builder = DharaText(documents=documents, data_dir=str(data_dir), file_format="array_record")
   builder.download_and_prepare()
   return Path(builder.data_dir)

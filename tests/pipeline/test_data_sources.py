@@ -71,6 +71,9 @@ def test_tfds_array_record_builder_round_trip(tmp_path):
   for path in (version_dir, tmp_path / "tfds" / "docs"):  # the version folder or one above it
     src = _open(tmp_path, path=str(path), format="auto")
     assert sorted(_read_all(src)[0]) == sorted(DOCS)  # TFDS orders records by key hash
+  (tmp_path / "file").write_text("")
+  with pytest.raises(DharaError, match=r"^data tfds: cannot create .*file/docs"):
+    build_tfds(cfg, 0, tmp_path / "file")
 
 
 def test_invalid_utf8_is_replaced_and_counted(tmp_path):
