@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import fcntl
 import math
 import os
 import shutil
@@ -39,6 +40,25 @@ def prepare_run_dir(run_dir: Path) -> Path:
   run_dir = Path(run_dir)
   ensure_writable(run_dir, "run dir")
   return run_dir
+
+
+@contextlib.contextmanager
+def exclusive_use(run_dir: Path) -> Iterator[None]:
+  """Holds RUN_DIR/.lock while training: a second `dhara train` on the same run dir would
+  interleave its checkpoints and metrics with this one's. The OS drops the lock when the
+  process ends, however it ends (a killed run resumes without cleanup)."""
+  if jax.process_index() != 0:  # one holder per run, also when hosts share the run dir
+    yield
+    return
+  with open(run_dir / ".lock", "a") as lock:
+    try:
+      fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      raise DharaError(f"train: another dhara train is using {run_dir}; wait for it to end "
+                       "or use another --run-dir") from None
+    except OSError:  # a file system without locks (some network mounts): train unguarded
+      pass
+    yield
 
 
 def architecture_diff(saved_model: dict, model: dict) -> list[str]:
@@ -97,6 +117,7 @@ def run(cfg: Config, run_dir: Path, data: Callable[[Config, Mesh], Data] = pipel
   resolved = config_lib.to_dict(cfg)
   ensure_writable(checkpoint_directory(run_dir, cfg.train.checkpoint_dir), "checkpoint dir")
   with contextlib.ExitStack() as cleanup:
+    cleanup.enter_context(exclusive_use(run_dir))
     checkpoints = Checkpointer(run_dir, cfg.train.keep_checkpoints, cfg.train.async_checkpoint,
                                cfg.train.checkpoint_dir)
     cleanup.callback(checkpoints.close)

@@ -174,6 +174,20 @@ def test_other_architecture_tokenizer_and_unwritable_dir_are_refused(tmp_path):
         progress=False)
 
 
+def test_a_run_dir_in_use_is_refused(tmp_path):
+  from dhara_jax.loop import exclusive_use
+
+  with exclusive_use(tmp_path):  # as a running `dhara train` holds it
+    proc = _dhara("train", "configs/runs/quickstart.yaml", *TINY_RUN, "--run-dir", str(tmp_path),
+                  "--no-progress")
+  assert proc.returncode == 2
+  assert proc.stderr.strip().splitlines()[-1] == (
+      f"error: train: another dhara train is using {tmp_path}; wait for it to end or use "
+      "another --run-dir")
+  assert not (tmp_path / "checkpoints").exists() or not list((tmp_path / "checkpoints").iterdir())
+  run(tiny_run("train.steps=1"), tmp_path, progress=False)  # released: the run proceeds
+
+
 def _dhara(*args, **kwargs):
   return subprocess.run([sys.executable, "-m", "dhara_jax.cli", *args], capture_output=True,
                         text=True, **kwargs)
