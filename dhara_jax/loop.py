@@ -13,6 +13,8 @@ import fcntl
 import math
 import os
 import shutil
+import signal
+import threading
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -143,14 +145,33 @@ def run(cfg: Config, run_dir: Path, data: Callable[[Config, Mesh], Data] = pipel
           shutil.copyfile(data.tokenizer_path, run_dir / data.tokenizer_path.name)
     metrics = MetricsWriter(run_dir, resume_step=latest)
     cleanup.callback(metrics.close)
+    stop_requested = cleanup.enter_context(stop_on_sigterm())
     return _loop(cfg, mesh, tx, shardings, state, data, checkpoints, metrics, resolved,
                  start=latest or 0, last=min(cfg.train.steps, stop_at or cfg.train.steps),
-                 last_good=latest, progress=progress)
+                 last_good=latest, progress=progress, stop_requested=stop_requested)
+
+
+@contextlib.contextmanager
+def stop_on_sigterm() -> Iterator[Callable[[], bool]]:
+  """SIGTERM (a preemption notice, a scheduler's kill) asks the loop to checkpoint the step it
+  is on and stop, instead of dying mid-step and losing the steps since the last checkpoint.
+  Single-process runs only: the hosts of a multi-host run could see it at different steps,
+  so they keep the default (stop at once; resume from the last periodic checkpoint)."""
+  if jax.process_count() > 1 or threading.current_thread() is not threading.main_thread():
+    yield lambda: False
+    return
+  requested = threading.Event()
+  previous = signal.signal(signal.SIGTERM, lambda *_: requested.set())
+  try:
+    yield requested.is_set
+  finally:
+    signal.signal(signal.SIGTERM, previous)
 
 
 def _loop(cfg: Config, mesh: Mesh, tx: Any, shardings: Any, state: Any, data: Data,
           checkpoints: Checkpointer, metrics: MetricsWriter, resolved: dict, *, start: int,
-          last: int, last_good: int | None, progress: bool) -> dict:
+          last: int, last_good: int | None, progress: bool,
+          stop_requested: Callable[[], bool] = lambda: False) -> dict:
   train_step = make_train_step(cfg, mesh, tx, shardings)
   eval_step = make_eval_step(cfg, mesh, shardings)
   flops_per_token = count_params(cfg.model, cfg.data.seq_len)["flops_per_token"]
@@ -180,10 +201,15 @@ def _loop(cfg: Config, mesh: Mesh, tx: Any, shardings: Any, state: Any, data: Da
     if evaluating and (step % cfg.train.eval_every == 0 or step == last):
       eval_loss = row["eval_loss"] = held_out(state["params"])
     metrics.write(row)
-    if (cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0) or step == last:
+    stopping = stop_requested()
+    if ((cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0) or step == last
+        or stopping):
       checkpoints.save(step, state, data.train, resolved, data.tokenizer_path)
       last_good = step
     bar(step, loss)
+    if stopping and step < last:
+      raise DharaError(f"train: stopped by SIGTERM after step {step}, checkpoint saved in "
+                       f"{checkpoints.directory}; run the same command to resume")
   return {"steps": last, "start_step": start, "final_loss": loss, "eval_loss": eval_loss,
           "state": state}
 

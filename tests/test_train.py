@@ -278,6 +278,29 @@ def _run_until_killed(args, run_dir, kill_after_step):
   assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
 
 
+def test_sigterm_checkpoints_the_current_step_and_stops(tmp_path):
+  args = ["train", "configs/runs/quickstart.yaml", *TINY_RUN, "train.steps=500",
+          "train.checkpoint_every=1000", "train.eval_every=0", "--run-dir", str(tmp_path),
+          "--no-progress"]
+  proc = subprocess.Popen([sys.executable, "-m", "dhara_jax.cli", *args],
+                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+  metrics = tmp_path / "metrics.jsonl"
+  deadline = time.time() + 300
+  while time.time() < deadline and proc.poll() is None:
+    if metrics.exists() and len(metrics.read_text().splitlines()) >= 3:
+      proc.send_signal(signal.SIGTERM)
+      break
+    time.sleep(0.02)
+  stderr = proc.communicate(timeout=120)[1]
+  assert proc.returncode == 2, stderr
+  last = max(r["step"] for r in read_metrics(tmp_path))
+  assert stderr.strip().splitlines()[-1].startswith(
+      f"error: train: stopped by SIGTERM after step {last}, checkpoint saved in ")
+  assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == [str(last)]
+  resumed = _dhara(*args[:-3], f"train.steps={last + 2}", *args[-3:])
+  assert resumed.returncode == 0 and f"steps {last}→{last + 2}" in resumed.stdout
+
+
 @pytest.mark.slow
 def test_kill_resume_is_exact(tmp_path):
   """SIGKILL at two different steps, resume each time: the losses equal an uninterrupted run's
