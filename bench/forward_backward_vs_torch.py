@@ -11,15 +11,13 @@ turns for --rounds rounds of --steps steps. Prints the median tokens/s of each a
 from __future__ import annotations
 
 import functools
-import tempfile
 
 import jax
 import numpy as np
 
-from dhara_jax.benchmarking import (interleaved_seconds, load_benchmark, model_arguments,
-                                    print_ratio, torch_side)
+from dhara_jax.benchmarking import (compare_with_torch, load_benchmark, model_arguments,
+                                    one_document_batch)
 from dhara_jax.config import Config
-from dhara_jax.export import export_hf
 from dhara_jax.model import init_params
 from dhara_jax.train import loss_sum
 
@@ -27,8 +25,7 @@ from dhara_jax.train import loss_sum
 def jax_forward_backward(cfg: Config, tokens_BxL: np.ndarray):
   """Gradients of the loss on one batch, as a zero-argument call (params from cfg's seed)."""
   params = init_params(cfg.model, jax.random.key(cfg.train.seed))
-  batch = {"tokens": np.asarray(tokens_BxL, np.int32),
-           "segment_ids": np.ones(tokens_BxL.shape, np.int32)}
+  batch = one_document_batch(tokens_BxL)
   grad = jax.jit(jax.grad(lambda p, b: loss_sum(cfg, p, b), has_aux=True))
   return lambda: grad(params, batch)
 
@@ -36,13 +33,8 @@ def jax_forward_backward(cfg: Config, tokens_BxL: np.ndarray):
 def main() -> None:
   args = model_arguments(__doc__.splitlines()[0]).parse_args()
   cfg, tokens = load_benchmark(args)
-  with tempfile.TemporaryDirectory() as tmp:
-    export_hf(cfg.model, init_params(cfg.model, jax.random.key(cfg.train.seed)), tmp)
-    seconds = interleaved_seconds(
-        {"jax": functools.partial(jax_forward_backward, cfg, tokens),
-         "torch": torch_side(tmp, tokens, args.dtype, optimizer=False)},
-        args.steps, args.rounds)
-  print_ratio(tokens.size, seconds["jax"], seconds["torch"])
+  compare_with_torch(cfg, tokens, functools.partial(jax_forward_backward, cfg, tokens), args,
+                     optimizer=False)
 
 
 if __name__ == "__main__":

@@ -13,26 +13,16 @@ bfloat16 runs bf16 compute on both sides (torch: CPU autocast).
 from __future__ import annotations
 
 import functools
-import tempfile
 
-import jax
-
-from dhara_jax.benchmarking import (interleaved_seconds, jax_train_step, load_benchmark,
-                                    model_arguments, print_ratio, torch_side)
-from dhara_jax.export import export_hf
-from dhara_jax.model import init_params
+from dhara_jax.benchmarking import (compare_with_torch, jax_train_step, load_benchmark,
+                                    model_arguments)
 
 
 def main() -> None:
   args = model_arguments(__doc__.splitlines()[0]).parse_args()
   cfg, tokens = load_benchmark(args)
-  with tempfile.TemporaryDirectory() as tmp:
-    export_hf(cfg.model, init_params(cfg.model, jax.random.key(cfg.train.seed)), tmp)
-    seconds = interleaved_seconds(
-        {"jax": functools.partial(jax_train_step, cfg, tokens),  # inits the same params
-         "torch": torch_side(tmp, tokens, args.dtype, optimizer=True)},
-        args.steps, args.rounds)
-  print_ratio(tokens.size, seconds["jax"], seconds["torch"])
+  compare_with_torch(cfg, tokens, functools.partial(jax_train_step, cfg, tokens), args,
+                     optimizer=True)
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ import contextlib
 import functools
 import multiprocessing
 import os
+import tempfile
 import time
 import traceback
 from typing import Any, Callable
@@ -26,6 +27,8 @@ import numpy as np  # noqa: E402
 from dhara_jax import config
 from dhara_jax.cli import positive_int
 from dhara_jax.config import Config, MeshConfig
+from dhara_jax.export import export_hf
+from dhara_jax.model import init_params
 from dhara_jax.sharding import make_mesh
 from dhara_jax.train import build, init_state, make_train_step
 
@@ -41,6 +44,12 @@ def seconds_per_call(fn: Callable[[], Any], steps: int, warmup: int = 1) -> floa
   return (time.perf_counter() - start) / steps
 
 
+def one_document_batch(tokens_BxL: np.ndarray) -> dict[str, np.ndarray]:
+  """A model batch of these tokens, every row one document."""
+  return {"tokens": np.asarray(tokens_BxL, np.int32),
+          "segment_ids": np.ones(tokens_BxL.shape, np.int32)}
+
+
 def jax_train_step(cfg: Config, tokens_BxL: np.ndarray,
                    mesh: MeshConfig = MeshConfig(1, 1, 1)) -> Callable[[], jax.Array]:
   """A full dhara-jax train step (forward, backward, clipping, AdamW) on one batch, as a
@@ -48,8 +57,7 @@ def jax_train_step(cfg: Config, tokens_BxL: np.ndarray,
   mesh = make_mesh(mesh)
   tx, shardings = build(cfg, mesh)
   step = make_train_step(cfg, mesh, tx, shardings)
-  batch = {"tokens": np.asarray(tokens_BxL, np.int32),
-           "segment_ids": np.ones(tokens_BxL.shape, np.int32)}
+  batch = one_document_batch(tokens_BxL)
   box = {"state": init_state(cfg, mesh, tx, shardings)}
 
   def one_step():
@@ -170,10 +178,19 @@ def torch_train_step(model: Any, tokens_BxL: np.ndarray, dtype: str,
   return step
 
 
-def torch_side(hf_dir: str, tokens_BxL: np.ndarray, dtype: str,
-               optimizer: bool) -> Callable[[], Callable[[], Any]]:
-  """A maker for `interleaved_seconds`: the exported model's transformers step."""
-  return functools.partial(_torch_step_from_dir, hf_dir, tokens_BxL, dtype, optimizer)
+def compare_with_torch(cfg: Config, tokens_BxL: np.ndarray,
+                       jax_side: Callable[[], Callable[[], Any]], args: argparse.Namespace,
+                       optimizer: bool) -> None:
+  """Times `jax_side` (a picklable maker, whose params come from cfg's seed) against the same
+  initial weights in transformers, taking turns (`interleaved_seconds`), and prints the
+  comparison."""
+  with tempfile.TemporaryDirectory() as hf_dir:
+    export_hf(cfg.model, init_params(cfg.model, jax.random.key(cfg.train.seed)), hf_dir)
+    torch_side = functools.partial(_torch_step_from_dir, hf_dir, tokens_BxL, args.dtype,
+                                   optimizer)
+    seconds = interleaved_seconds({"jax": jax_side, "torch": torch_side}, args.steps,
+                                  args.rounds)
+  print_ratio(tokens_BxL.size, seconds["jax"], seconds["torch"])
 
 
 def _torch_step_from_dir(hf_dir, tokens_BxL, dtype, optimizer):
