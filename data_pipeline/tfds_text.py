@@ -13,8 +13,8 @@ from typing import Callable, Iterable
 import tensorflow_datasets as tfds
 
 from data_pipeline.config import DataConfig
-from dhara_jax.errors import DharaError
 from data_pipeline.sources import open_source
+from dhara_jax.errors import DharaError
 
 
 class DharaText(tfds.core.GeneratorBasedBuilder):

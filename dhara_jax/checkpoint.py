@@ -9,6 +9,7 @@ run killed mid-save resumes from the previous checkpoint.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import os
 import socket
@@ -159,6 +160,7 @@ def _differing_entries(error: Exception) -> list[str]:
   return [line.rstrip(":") for line in lines[1:] if line.endswith(":") and line[:1].strip()]
 
 
+@functools.cache  # once per process: each failed restore would otherwise stack another filter
 def _silence_abandoned_reads() -> None:
   """After a failed restore, orbax has closed its event loop while tensorstore still finishes
   the other reads; each then reports 'Event loop is closed' as an unraisable exception, and

@@ -171,7 +171,7 @@ def stop_on_sigterm() -> Iterator[Callable[[], bool]]:
 def _loop(cfg: Config, mesh: Mesh, tx: Any, shardings: Any, state: Any, data: Data,
           checkpoints: Checkpointer, metrics: MetricsWriter, resolved: dict, *, start: int,
           last: int, last_good: int | None, progress: bool,
-          stop_requested: Callable[[], bool] = lambda: False) -> dict:
+          stop_requested: Callable[[], bool]) -> dict:
   train_step = make_train_step(cfg, mesh, tx, shardings)
   eval_step = make_eval_step(cfg, mesh, shardings)
   flops_per_token = count_params(cfg.model, cfg.data.seq_len)["flops_per_token"]

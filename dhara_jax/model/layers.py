@@ -226,7 +226,7 @@ def rope_table(positions_BxL: jax.Array, head_dim: int, theta: float,
   backward (~3% of a CPU train step). Positions past the table give NaN, not a silent clamp."""
   inv_freq_K2 = 1.0 / (theta ** (np.arange(0, head_dim, 2, dtype=np.float32) / head_dim))
   rows = max(max_position, positions_BxL.shape[-1])
-  angles_PxK2 = np.arange(rows, dtype=np.float32)[:, None] * inv_freq_K2.astype(np.float32)
+  angles_PxK2 = np.arange(rows, dtype=np.float32)[:, None] * inv_freq_K2
   return tuple(jnp.take(jnp.asarray(table_PxK2), positions_BxL, axis=0, mode="fill",
                         fill_value=jnp.nan)
                for table_PxK2 in (np.cos(angles_PxK2), np.sin(angles_PxK2)))
