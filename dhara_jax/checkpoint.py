@@ -122,12 +122,12 @@ class Checkpointer:
     step_dir = self.directory / str(step)
     if not step_dir.exists():
       raise DharaError(f"checkpoint: no step {step} in {self.directory}")
+    _silence_abandoned_reads()  # before: a read can be abandoned while the error propagates
     try:
       return self.manager.restore(step, args=ocp.args.Composite(**items))
     except DharaError:
       raise
     except Exception as e:  # orbax, tensorstore and file errors alike
-      _silence_abandoned_reads()
       differing = _differing_entries(e)
       if differing:
         raise DharaError(f"checkpoint: {step_dir} holds a train state with other entries "
@@ -165,7 +165,8 @@ def _silence_abandoned_reads() -> None:
   """After a failed restore, orbax has closed its event loop while tensorstore still finishes
   the other reads; each then reports 'Event loop is closed' as an unraisable exception, and
   their failed futures are logged as never retrieved when collected: a screenful of tracebacks
-  under our one-line error. Drop exactly those."""
+  under our one-line error. Drop exactly those. Installed before the first restore, since the
+  first abandoned read can complete before the restore's exception reaches us."""
   logging.getLogger("asyncio").addFilter(
       lambda record: "exception was never retrieved" not in record.getMessage())
   previous = sys.unraisablehook
