@@ -10,6 +10,8 @@ from typing import Any
 
 import jax
 
+from dhara_jax.errors import DharaError
+
 # Dense bf16 peak FLOP/s per device, for MFU. CPUs have no entry: MFU is reported as null there.
 PEAK_FLOPS = (
     ("H200", 989e12), ("H100", 989e12), ("A100", 312e12), ("L4", 121e12),
@@ -50,10 +52,10 @@ class MetricsWriter:
   def _truncate_after(self, step: int) -> None:
     if not self.path.exists():
       return
-    kept = [line for line in self.path.read_text().splitlines()
-            if line.strip() and json.loads(line)["step"] <= step]
+    rows = read_metrics(self.path.parent) if step >= 0 else []
+    kept = [row for row in rows if row["step"] <= step]
     tmp = self.path.with_suffix(".jsonl.tmp")
-    tmp.write_text("".join(line + "\n" for line in kept))
+    tmp.write_text("".join(json.dumps(row) + "\n" for row in kept))
     os.replace(tmp, self.path)
 
   def write(self, row: dict[str, Any]) -> None:
@@ -74,5 +76,18 @@ class MetricsWriter:
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
+  """The rows written so far. A last line without its newline is a row being written now, or
+  one a killed run left half-written: it is not a row (yet)."""
   path = Path(run_dir) / "metrics.jsonl"
-  return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+  rows = []
+  for number, line in enumerate(path.read_text().split("\n")[:-1], start=1):
+    if not line.strip():
+      continue
+    try:
+      rows.append(json.loads(line))
+    except json.JSONDecodeError as e:
+      raise DharaError(f"metrics: line {number} of {path} is not JSON ({e.msg}); mend or delete "
+                       "that line") from None
+    if not isinstance(rows[-1], dict) or "step" not in rows[-1]:
+      raise DharaError(f"metrics: line {number} of {path} is not a row with a step")
+  return rows

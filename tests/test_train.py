@@ -1,6 +1,5 @@
 """Training: objective, schedules, sharded step, loop, checkpoints, resume, failures."""
 
-import json
 import os
 import signal
 import subprocess
@@ -269,8 +268,7 @@ def _run_until_killed(args, run_dir, kill_after_step):
   metrics = run_dir / "metrics.jsonl"
   deadline = time.time() + 300
   while time.time() < deadline and proc.poll() is None:
-    if metrics.exists() and any(json.loads(l).get("step", -1) >= kill_after_step
-                                for l in metrics.read_text().splitlines() if l.strip()):
+    if metrics.exists() and any(r["step"] >= kill_after_step for r in read_metrics(run_dir)):
       os.kill(proc.pid, signal.SIGKILL)
       break
     time.sleep(0.02)
