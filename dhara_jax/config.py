@@ -48,7 +48,8 @@ class ModelConfig:
   rope_local_theta: float = 0.0  # theta of sliding-window layers; 0: rope_theta
   # Attention.
   qk_norm: bool = False
-  query_scale_dim: int = 0  # scores scaled by 1/sqrt(this); 0: head_dim (Gemma's query_pre_attn_scalar)
+  # Scores are scaled by 1/sqrt(this); 0: head_dim (Gemma's query_pre_attn_scalar).
+  query_scale_dim: int = 0
   attention: str = "causal"  # causal | bidirectional
   layer_pattern: str = "A"  # cycled over layers: A global attn, L sliding-window attn, C short conv
   sliding_window: int = 0

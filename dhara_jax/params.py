@@ -60,8 +60,9 @@ def _active_params(cfg: ModelConfig, flat: dict[str, int]) -> int:
 
 
 def training_flops_per_token(cfg: ModelConfig, active: int, seq_len: int) -> int:
-  """6 · (parameters a token uses, lookup-only tables excluded) + 12 · Σ_attn-layers heads · head_dim · context (PaLM's
-  convention, no causal discount; sliding-window layers see at most `sliding_window` keys).
+  """6 · (parameters a token uses, lookup-only tables excluded) + 12 · Σ_attn-layers
+  heads · head_dim · context (PaLM's convention, no causal discount; sliding-window layers see
+  at most `sliding_window` keys).
 
   Embedding lookups are not matmuls; the output projection is, tied or not.
   """

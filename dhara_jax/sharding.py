@@ -74,7 +74,8 @@ def spec_for(logical: PartitionSpec, shape: Sequence[int], mesh: Mesh) -> Partit
     kept = []
     for axis in axes:
       size = mesh.shape[axis]
-      if axis not in used and size > 1 and dim % (size * math.prod(mesh.shape[a] for a in kept)) == 0:
+      split = size * math.prod(mesh.shape[a] for a in kept)
+      if axis not in used and size > 1 and dim % split == 0:
         kept.append(axis)
     used.update(kept)
     out.append(None if not kept else kept[0] if len(kept) == 1 else tuple(kept))

@@ -33,7 +33,8 @@ def state_shardings(cfg: Config, mesh: Mesh, tx: optax.GradientTransformation) -
   params = param_shardings(cfg.model, mesh)
   replicated = NamedSharding(mesh, PartitionSpec())
   abstract_params = jax.eval_shape(lambda: init_params(cfg.model, jax.random.key(0)))
-  opt = optax.tree_map_params(tx, lambda _, sharding: sharding, jax.eval_shape(tx.init, abstract_params),
+  abstract_opt = jax.eval_shape(tx.init, abstract_params)
+  opt = optax.tree_map_params(tx, lambda _, sharding: sharding, abstract_opt,
                               params, transform_non_params=lambda _: replicated,
                               is_leaf=lambda x: isinstance(x, NamedSharding))
   return {"params": params, "opt_state": opt, "step": replicated, "rng": replicated}

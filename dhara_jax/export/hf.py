@@ -286,7 +286,8 @@ FAMILY_SPECS: dict[str, FamilySpec] = {
         renames=LLAMA_RENAMES,
         extra_config=_with(_rope_extra, lambda cfg: {"attention_bias": cfg.use_bias,
                                                      "mlp_bias": cfg.use_bias}),
-        config_from_hf=lambda hf: {**_rope_from_hf(hf), "use_bias": hf.get("attention_bias", False)},
+        config_from_hf=lambda hf: {**_rope_from_hf(hf),
+                                   "use_bias": hf.get("attention_bias", False)},
         entries=_llama_like_entries),
     "qwen3": FamilySpec(
         "Qwen3ForCausalLM", "qwen3",

@@ -227,7 +227,8 @@ class DharaBlock(nn.Module):
     if self.kind == "C":
       self.conv = DharaShortConv(config)
     else:
-      theta = (config.rope_local_theta or config.rope_theta) if self.kind == "L" else config.rope_theta
+      local_theta = config.rope_local_theta or config.rope_theta
+      theta = local_theta if self.kind == "L" else config.rope_theta
       self.attn = DharaAttention(config, theta)
     self.pre_mlp_norm = DharaNorm(d, config)
     self.canon_c = canon_or_none("C", d, config)
