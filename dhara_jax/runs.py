@@ -11,7 +11,7 @@ import yaml
 
 from dhara_jax import config as config_lib
 from dhara_jax.checkpoint import Checkpointer
-from dhara_jax.config import Config, MeshConfig
+from dhara_jax.config import Config, DataConfig, MeshConfig
 from dhara_jax.errors import DharaError
 from dhara_jax.export import export_hf, import_hf
 from dhara_jax.loop import prepare_run_dir
@@ -53,7 +53,9 @@ def import_into_run(hf_dir: Path, run_dir: Path, base: Config | None = None) -> 
   """A new run whose step-0 checkpoint holds the imported weights (fresh optimizer state);
   `dhara train RUN_DIR/config.yaml --run-dir RUN_DIR` continues from it."""
   model, params = import_hf(hf_dir)
-  cfg = dataclasses.replace(base or Config(), model=model, mesh=SINGLE_DEVICE)
+  if base is None:  # default data settings, rows at most the imported model's context
+    base = Config(data=DataConfig(seq_len=min(DataConfig().seq_len, model.max_seq_len)))
+  cfg = dataclasses.replace(base, model=model, mesh=SINGLE_DEVICE)
   run_dir = prepare_run_dir(run_dir)
   checkpoints = Checkpointer(run_dir, keep=cfg.train.keep_checkpoints, async_save=False)
   if checkpoints.latest_step() is not None:

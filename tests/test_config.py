@@ -96,6 +96,7 @@ BAD = [
     (["optim.lr=1"], "optim"),
     (["mesh.data=0"], "mesh.data"),
     (["train.logit_chunk_tokens=0"], "train.logit_chunk_tokens"),
+    (["data.batch_size=8", "train.grad_accum=3"], "train.grad_accum"),
     (["d_model=3"], "override"),
 ]
 

@@ -13,7 +13,7 @@ import pytest
 
 from dhara_jax import config
 from dhara_jax.config import MeshConfig
-from dhara_jax.errors import DharaError
+from dhara_jax.errors import ConfigError, DharaError
 from dhara_jax.loop import run
 from dhara_jax.metrics import read_metrics
 from dhara_jax.model import Head, init_params
@@ -171,6 +171,10 @@ def test_other_architecture_tokenizer_and_unwritable_dir_are_refused(tmp_path):
   with pytest.raises(DharaError, match="checkpoint dir .* not writable"):
     run(tiny_run(f"train.checkpoint_dir={blocker / 'checkpoints'}"), tmp_path / "other",
         progress=False)
+  # Longer rows than the model's positions (GPT-2's learned ones would be NaN past them).
+  with pytest.raises(ConfigError, match=r"data.seq_len: 64 is longer than model.max_seq_len=32"):
+    run(tiny_run("data.seq_len=64"), tmp_path / "long", progress=False)
+  assert not (tmp_path / "long").exists()
 
 
 def test_a_run_dir_in_use_is_refused(tmp_path):
@@ -257,6 +261,7 @@ def test_export_and_import_of_a_run(tmp_path):
   import_into_run(tmp_path / "hf", tmp_path / "imported")
   cfg2, params2, step2 = restore_params(tmp_path / "imported")
   assert step2 == 0 and cfg2.model == cfg.model
+  assert cfg2.data.seq_len == cfg.model.max_seq_len  # the default 1024-token rows, clamped
   for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(params2)):
     assert np.array_equal(np.asarray(a), np.asarray(b))
 
