@@ -190,6 +190,14 @@ class Config:
       raise ConfigError(f"train.grad_accum: {self.train.grad_accum} does not divide "
                         f"data.batch_size={self.data.batch_size}")
 
+  def check_rows_fit_model(self) -> None:
+    """Refuses data rows longer than the model's positions: past them, learned positions are
+    NaN and RoPE goes beyond what an export declares. Not checked at load: model-only presets
+    carry the data section's 1024-token default."""
+    if self.data.seq_len > self.model.max_seq_len:
+      raise ConfigError(f"data.seq_len: {self.data.seq_len} is longer than model.max_seq_len="
+                        f"{self.model.max_seq_len}, the longest sequence the model takes")
+
 
 _CHOICES = {
     "family": FAMILIES,

@@ -26,7 +26,7 @@ from jax.sharding import Mesh
 from dhara_jax import config as config_lib
 from dhara_jax.checkpoint import Checkpointer, checkpoint_directory, ensure_writable
 from dhara_jax.config import Config
-from dhara_jax.errors import ConfigError, DharaError
+from dhara_jax.errors import DharaError
 from dhara_jax.metrics import MetricsWriter, mfu
 from dhara_jax.params import count_params
 from dhara_jax.sharding import make_mesh
@@ -110,10 +110,7 @@ def model_inputs(batch: dict) -> dict:
 def run(cfg: Config, run_dir: Path, data: Callable[[Config, Mesh], Data] = pipeline_data, *,
         stop_at: int | None = None, progress: bool = True) -> dict:
   """Trains until `train.steps` (or `stop_at`, if earlier); returns a summary dict."""
-  # Past it, learned positions are NaN and RoPE goes beyond what an export declares.
-  if cfg.data.seq_len > cfg.model.max_seq_len:
-    raise ConfigError(f"data.seq_len: {cfg.data.seq_len} is longer than model.max_seq_len="
-                      f"{cfg.model.max_seq_len}, the longest sequence the model takes")
+  cfg.check_rows_fit_model()
   run_dir = prepare_run_dir(run_dir)
   if cfg.train.multihost:
     jax.distributed.initialize()

@@ -56,6 +56,7 @@ def import_into_run(hf_dir: Path, run_dir: Path, base: Config | None = None) -> 
   if base is None:  # default data settings, rows at most the imported model's context
     base = Config(data=DataConfig(seq_len=min(DataConfig().seq_len, model.max_seq_len)))
   cfg = dataclasses.replace(base, model=model, mesh=SINGLE_DEVICE)
+  cfg.check_rows_fit_model()  # before anything is written: `dhara train` would refuse it
   run_dir = prepare_run_dir(run_dir)
   checkpoints = Checkpointer(run_dir, keep=cfg.train.keep_checkpoints, async_save=False)
   if checkpoints.latest_step() is not None:

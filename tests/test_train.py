@@ -262,6 +262,10 @@ def test_export_and_import_of_a_run(tmp_path):
   cfg2, params2, step2 = restore_params(tmp_path / "imported")
   assert step2 == 0 and cfg2.model == cfg.model
   assert cfg2.data.seq_len == cfg.model.max_seq_len  # the default 1024-token rows, clamped
+  # A base config whose rows the imported model cannot take is refused before writing.
+  with pytest.raises(ConfigError, match=r"data.seq_len: 64 is longer than model.max_seq_len=32"):
+    import_into_run(tmp_path / "hf", tmp_path / "too_long", tiny_run("data.seq_len=64"))
+  assert not (tmp_path / "too_long").exists()
   for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(params2)):
     assert np.array_equal(np.asarray(a), np.asarray(b))
 
