@@ -12,10 +12,11 @@ import contextlib
 import functools
 import multiprocessing
 import os
+import resource
 import tempfile
 import time
 import traceback
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 # Benchmark processes share one accelerator: JAX must not grab 75% of its memory when it
 # starts a backend (which it does lazily, after these imports).
@@ -73,9 +74,18 @@ def train_step_seconds(cfg: Config, tokens_BxL: np.ndarray, steps: int,
   return seconds_per_call(jax_train_step(cfg, tokens_BxL, mesh), steps)
 
 
+class Round(NamedTuple):
+  """One round of one side, per call: wall seconds, and its process's CPU seconds in user and
+  kernel mode and page faults (kernel time on CPU is mostly zeroing freshly mapped pages)."""
+  seconds: float
+  user: float
+  system: float
+  page_faults: float
+
+
 def interleaved_seconds(sides: dict[str, Callable[[], Callable[[], Any]]], steps: int,
-                        rounds: int) -> dict[str, list[float]]:
-  """Seconds per call of each side, per round. Each side is built by its (picklable) maker in
+                        rounds: int) -> dict[str, list[Round]]:
+  """Per-call timings of each side, per round. Each side is built by its (picklable) maker in
   a process of its own and warmed up; then the sides take turns, `steps` calls each per round,
   so a burst of outside load on a shared machine slows both sides' rounds alike."""
   context = multiprocessing.get_context("spawn")  # a fork would inherit JAX's threads
@@ -118,7 +128,12 @@ def _timing_worker(make: Callable[[], Callable[[], Any]], steps: int, pipe: Any)
     jax.block_until_ready(fn())
     pipe.send(("ready", None))
     while pipe.recv() == "time":
-      pipe.send(("seconds", seconds_per_call(fn, steps, warmup=0)))
+      before = resource.getrusage(resource.RUSAGE_SELF)
+      seconds = seconds_per_call(fn, steps, warmup=0)
+      after = resource.getrusage(resource.RUSAGE_SELF)
+      pipe.send(("round", Round(seconds, (after.ru_utime - before.ru_utime) / steps,
+                                (after.ru_stime - before.ru_stime) / steps,
+                                (after.ru_minflt - before.ru_minflt) / steps)))
   except Exception:  # the parent reports it; the traceback's last line says what failed
     pipe.send(("error", traceback.format_exc().strip().splitlines()[-1]))
 
@@ -188,9 +203,9 @@ def compare_with_torch(cfg: Config, tokens_BxL: np.ndarray,
     export_hf(cfg.model, init_params(cfg.model, jax.random.key(cfg.train.seed)), hf_dir)
     torch_side = functools.partial(_torch_step_from_dir, hf_dir, tokens_BxL, args.dtype,
                                    optimizer)
-    seconds = interleaved_seconds({"jax": jax_side, "torch": torch_side}, args.steps,
-                                  args.rounds)
-  print_ratio(tokens_BxL.size, seconds["jax"], seconds["torch"])
+    rounds = interleaved_seconds({"jax": jax_side, "torch": torch_side}, args.steps,
+                                 args.rounds)
+  print_ratio(tokens_BxL.size, rounds["jax"], rounds["torch"])
 
 
 def _torch_step_from_dir(hf_dir, tokens_BxL, dtype, optimizer):
@@ -198,16 +213,22 @@ def _torch_step_from_dir(hf_dir, tokens_BxL, dtype, optimizer):
   return torch_train_step(load_torch_model(hf_dir), tokens_BxL, dtype, optimizer)
 
 
-def print_ratio(tokens_per_step: int, jax_seconds: list[float],
-                torch_seconds: list[float]) -> None:
+def print_ratio(tokens_per_step: int, jax_rounds: list[Round],
+                torch_rounds: list[Round]) -> None:
   """Median tokens/s of each side over the rounds (with the range) and the ratio of medians,
-  plus the range of the per-round ratios."""
-  def line(name, seconds):
-    tps = tokens_per_step / np.asarray(seconds)
-    print(f"{name:15s} {np.median(tps):9.1f} tok/s  ({np.median(seconds):.2f} s/step; "
-          f"{tps.min():.1f}–{tps.max():.1f} over {len(seconds)} rounds)")
-  line("dhara-jax", jax_seconds)
-  line("torch/hf", torch_seconds)
-  per_round = np.asarray(torch_seconds) / np.asarray(jax_seconds)
-  print(f"ratio jax/torch {np.median(torch_seconds) / np.median(jax_seconds):.2f}x "
+  the range of the per-round ratios, and where each side's step time went (CPU seconds in
+  user and kernel mode, page faults): on a CPU, the kernel part varies with the machine's
+  memory state and can move the wall-clock ratio by itself."""
+  sides = {"dhara-jax": jax_rounds, "torch/hf": torch_rounds}
+  median = lambda rounds, field: np.median([getattr(r, field) for r in rounds])
+  for name, rounds in sides.items():
+    tps = tokens_per_step / np.asarray([r.seconds for r in rounds])
+    print(f"{name:15s} {np.median(tps):9.1f} tok/s  ({median(rounds, 'seconds'):.2f} s/step; "
+          f"{tps.min():.1f}–{tps.max():.1f} over {len(rounds)} rounds)")
+  for name, rounds in sides.items():
+    print(f"{name:15s} per step: CPU {median(rounds, 'user'):.2f} s user + "
+          f"{median(rounds, 'system'):.2f} s kernel, "
+          f"{median(rounds, 'page_faults') / 1e3:.0f}k page faults")
+  per_round = np.asarray([t.seconds / j.seconds for j, t in zip(jax_rounds, torch_rounds)])
+  print(f"ratio jax/torch {median(torch_rounds, 'seconds') / median(jax_rounds, 'seconds'):.2f}x "
         f"(per round {per_round.min():.2f}–{per_round.max():.2f}x)")
