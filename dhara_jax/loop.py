@@ -111,14 +111,19 @@ def run(cfg: Config, run_dir: Path, data: Callable[[Config, Mesh], Data] = pipel
         stop_at: int | None = None, progress: bool = True) -> dict:
   """Trains until `train.steps` (or `stop_at`, if earlier); returns a summary dict."""
   cfg.check_rows_fit_model()
+  # Both dirs are checked before any data is read. A checkpoint dir of its own goes first, so
+  # that refusing it leaves no empty run dir behind; the default one lives in the run dir.
+  checkpoint_dir = checkpoint_directory(run_dir, cfg.train.checkpoint_dir)
+  if cfg.train.checkpoint_dir:
+    ensure_writable(checkpoint_dir, "checkpoint dir")
   run_dir = prepare_run_dir(run_dir)
+  ensure_writable(checkpoint_dir, "checkpoint dir")
   if cfg.train.multihost:
     jax.distributed.initialize()
   mesh = make_mesh(cfg.mesh)
   data = data(cfg, mesh)
   tx, shardings = build(cfg, mesh)
   resolved = config_lib.to_dict(cfg)
-  ensure_writable(checkpoint_directory(run_dir, cfg.train.checkpoint_dir), "checkpoint dir")
   with contextlib.ExitStack() as cleanup:
     cleanup.enter_context(exclusive_use(run_dir))
     checkpoints = Checkpointer(run_dir, cfg.train.keep_checkpoints, cfg.train.async_checkpoint,

@@ -171,6 +171,7 @@ def test_other_architecture_tokenizer_and_unwritable_dir_are_refused(tmp_path):
   with pytest.raises(DharaError, match="checkpoint dir .* not writable"):
     run(tiny_run(f"train.checkpoint_dir={blocker / 'checkpoints'}"), tmp_path / "other",
         progress=False)
+  assert not (tmp_path / "other").exists()  # refused before the run dir was made
   # Longer rows than the model's positions (GPT-2's learned ones would be NaN past them).
   with pytest.raises(ConfigError, match=r"data.seq_len: 64 is longer than model.max_seq_len=32"):
     run(tiny_run("data.seq_len=64"), tmp_path / "long", progress=False)
