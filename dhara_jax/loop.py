@@ -117,7 +117,8 @@ def run(cfg: Config, run_dir: Path, data: Callable[[Config, Mesh], Data] = pipel
   if cfg.train.checkpoint_dir:
     ensure_writable(checkpoint_dir, "checkpoint dir")
   run_dir = prepare_run_dir(run_dir)
-  ensure_writable(checkpoint_dir, "checkpoint dir")
+  if not cfg.train.checkpoint_dir:
+    ensure_writable(checkpoint_dir, "checkpoint dir")
   if cfg.train.multihost:
     jax.distributed.initialize()
   mesh = make_mesh(cfg.mesh)
