@@ -26,8 +26,7 @@ def _quickstart(args: argparse.Namespace) -> int:
   summary = quickstart.run(args.out, args.config, tuple(args.overrides))
   print(f"summary: {args.out}/summary.json")
   if not summary["ok"]:
-    raise DharaError("quickstart: held-out loss did not fall, or export parity / import failed "
-                     "(see summary.json)")
+    raise DharaError(f"quickstart: {'; '.join(summary['failed'])} (see {args.out}/summary.json)")
   return 0
 
 

@@ -92,10 +92,25 @@ def run(out_dir: str | Path, config: str = CONFIG, overrides: tuple[str, ...] = 
                  "parity_ok": max_diff <= PARITY_TOLERANCE, "import_exact": exact},
       "loss_curve": str(curve), "seconds": round(time.perf_counter() - started, 1),
   }
-  summary["ok"] = (summary["held_out_loss_fell"] and summary["export"]["parity_ok"]
-                   and summary["export"]["import_exact"])
+  summary["failed"] = failed_checks(summary)
+  summary["ok"] = not summary["failed"]
   (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
   log(f"    held-out loss {evals[0]:.3f} → {evals[-1]:.3f}; export max |Δlogit| "
       f"{max_diff:.1e}; import {'bit-exact' if exact else 'DIFFERS'}; "
       f"{summary['seconds']}s")
   return summary
+
+
+def failed_checks(summary: dict) -> list[str]:
+  """One phrase per check the quickstart did not pass, with the numbers that decided it."""
+  held_out, export = summary["held_out_loss"], summary["export"]
+  failed = []
+  if not summary["held_out_loss_fell"]:
+    failed.append(f"held-out loss did not fall ({held_out['before']:.4f} → "
+                  f"{held_out['after']:.4f})")
+  if not export["parity_ok"]:
+    failed.append(f"exported PyTorch logits differ by {export['max_abs_logit_diff']:.2e} "
+                  f"(tolerance {PARITY_TOLERANCE:.0e})")
+  if not export["import_exact"]:
+    failed.append("importing the export did not give back the same config and params")
+  return failed

@@ -4,6 +4,8 @@ import sys
 
 import pytest
 
+from dhara_jax.quickstart import PARITY_TOLERANCE, failed_checks
+
 
 @pytest.mark.slow
 def test_quickstart_cli_end_to_end(tmp_path):
@@ -12,9 +14,11 @@ def test_quickstart_cli_end_to_end(tmp_path):
   proc = subprocess.run([sys.executable, "-m", "dhara_jax.cli", "quickstart", "--out",
                          str(tmp_path), "train.steps=80", "train.eval_every=40"],
                         capture_output=True, text=True)
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  summary = json.loads((tmp_path / "summary.json").read_text())
-  assert summary["ok"] and summary["steps"] == 80
+  summary_path = tmp_path / "summary.json"
+  written = summary_path.read_text() if summary_path.is_file() else "(no summary.json)"
+  assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:] + written
+  summary = json.loads(written)
+  assert summary["ok"] and summary["failed"] == [] and summary["steps"] == 80
   assert summary["held_out_loss"]["after"] < summary["held_out_loss"]["before"] - 0.5
   assert summary["export"]["max_abs_logit_diff"] <= 1e-4 and summary["export"]["import_exact"]
   assert summary["sample"].startswith("The history of science")
@@ -30,3 +34,15 @@ def test_quickstart_unwritable_out_is_one_line(tmp_path):
   assert proc.returncode == 2
   assert proc.stderr.strip().startswith("error: train: run dir")
   assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_failed_checks_name_each_failure_with_its_numbers():
+  passing = {"held_out_loss": {"before": 8.3, "after": 6.2}, "held_out_loss_fell": True,
+             "export": {"max_abs_logit_diff": 3e-6, "parity_ok": True, "import_exact": True}}
+  assert failed_checks(passing) == []
+  failing = {"held_out_loss": {"before": 8.3, "after": float("nan")}, "held_out_loss_fell": False,
+             "export": {"max_abs_logit_diff": 0.25, "parity_ok": False, "import_exact": False}}
+  held_out, parity, imported = failed_checks(failing)
+  assert "did not fall" in held_out and "8.3000" in held_out and "nan" in held_out
+  assert "2.50e-01" in parity and f"{PARITY_TOLERANCE:.0e}" in parity
+  assert "import" in imported
