@@ -68,7 +68,9 @@ def run(out_dir: str | Path, config: str = CONFIG, overrides: tuple[str, ...] = 
   hf_dir = export_hf(cfg.model, params, out / "hf")
   batch = next(make_eval_iterator(dataclasses.replace(cfg.data, batch_size=2),
                                   tokenizer=tokenizer))
-  ours = np.asarray(forward(cfg.model, params, batch["tokens"])[0])
+  # Full f32 matmuls: on GPU, JAX's default f32 precision is TF32, far from torch-on-CPU.
+  with jax.default_matmul_precision("highest"):
+    ours = np.asarray(forward(cfg.model, params, batch["tokens"])[0])
   theirs = torch_logits(load_torch_model(hf_dir), batch["tokens"])
   max_diff = float(np.max(np.abs(ours - theirs)))
   cfg_back, params_back = import_hf(hf_dir)
