@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import flax.linen as nn
 import jax
@@ -99,6 +99,20 @@ def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
 def batch_shards(mesh: Mesh) -> int:
   """How many pieces `batch_sharding` cuts the batch into (data × fsdp)."""
   return mesh.shape["data"] * mesh.shape["fsdp"]
+
+
+def per_batch_shard(fn: Callable[..., jax.Array],
+                    split: Sequence[bool]) -> Callable[..., jax.Array]:
+  """`fn` run on each batch shard in `shard_map` when the current mesh has more than one
+  device, for kernels XLA cannot partition (Pallas calls). Arguments whose `split` is True are
+  cut by rows over data × fsdp, the others replicated; the output is cut by rows."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or mesh.size == 1:
+    return fn
+  rows = PartitionSpec(tuple(a for a in ("data", "fsdp") if a in mesh.axis_names) or None)
+  # check_vma=False: pallas_call outputs carry no varying-axes annotation.
+  in_specs = tuple(rows if cut else PartitionSpec() for cut in split)
+  return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=rows, check_vma=False)
 
 
 def axis_rules() -> Any:

@@ -2,6 +2,19 @@
 
 import os
 
+import pytest
+
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
                            + " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+
+@pytest.fixture
+def interpret_pallas(monkeypatch):
+  """Pallas kernels run in interpret mode on CPU (the only way they run here). Afterwards, wait
+  for every interpreter callback: one still pending would deadlock the next test's eager ops."""
+  monkeypatch.setenv("DHARA_PALLAS_INTERPRET", "1")
+  yield
+  import jax
+
+  jax.effects_barrier()

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from dhara_jax.errors import ConfigError
+from dhara_jax.kernels import lowering
 from dhara_jax.kernels.canon import api, canon_conv, pallas_gpu, pallas_tpu, reference, xla
 from dhara_jax.kernels.canon.common import PallasOptions
 from dhara_jax.model import conv as model_conv
@@ -115,9 +116,9 @@ def test_resolve_impl(monkeypatch):
 def test_failed_lowering_warns_once_and_falls_back(caplog):
   """pallas_tpu without interpret mode cannot lower on CPU: the fallback takes over, with one
   warning."""
-  api._warned.clear()
+  lowering._warned.clear()
   api._lowers.cache_clear()
-  with caplog.at_level(logging.WARNING, logger=api.__name__):
+  with caplog.at_level(logging.WARNING, logger=lowering.__name__):
     for length in (11, 12):
       x, w, g, seg = make_inputs(4, True, jnp.float32)
       x, g, seg = x[:, :length], g[:, :length], seg[:, :length]

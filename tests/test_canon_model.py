@@ -170,15 +170,6 @@ def _sgd_losses(cfg, params, tokens, seg, steps=3, lr=0.5):
   return np.array(losses)
 
 
-@pytest.fixture
-def interpret_pallas(monkeypatch):
-  """Pallas kernels run in interpret mode on CPU (the only way they run here). Afterwards, wait
-  for every interpreter callback: one still pending would deadlock the next test's eager ops."""
-  monkeypatch.setenv("DHARA_PALLAS_INTERPRET", "1")
-  yield
-  jax.effects_barrier()
-
-
 def test_canon_abcd_trains_identically_with_every_kernel(interpret_pallas):
   tokens = RNG.integers(0, 128, (2, 24))
   seg = np.array([[1] * 24, [1] * 10 + [2] * 14])

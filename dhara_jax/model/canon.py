@@ -15,10 +15,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jax.sharding import PartitionSpec
-
 from dhara_jax.config import ModelConfig
 from dhara_jax.kernels.canon import canon_conv, resolve_impl
+from dhara_jax.sharding import per_batch_shard
 
 
 def torch_conv_init(kernel: int) -> nn.initializers.Initializer:
@@ -42,12 +41,8 @@ def conv(cfg: ModelConfig, h_BxLxC: jax.Array, w_KxC: jax.Array,
   """
   impl = None if cfg.canon_impl == "auto" else cfg.canon_impl
   fn = functools.partial(canon_conv, impl=impl)
-  mesh = jax.sharding.get_abstract_mesh()
-  if resolve_impl(impl) != "reference" and not mesh.empty and mesh.size > 1:
-    rows = PartitionSpec(tuple(a for a in ("data", "fsdp") if a in mesh.axis_names) or None)
-    # check_vma=False: pallas_call outputs carry no varying-axes annotation.
-    fn = jax.shard_map(fn, mesh=mesh, in_specs=(rows, PartitionSpec(), rows), out_specs=rows,
-                       check_vma=False)
+  if resolve_impl(impl) != "reference":
+    fn = per_batch_shard(fn, split=(True, False, True))
   return fn(h_BxLxC, w_KxC, segment_ids_BxL)
 
 

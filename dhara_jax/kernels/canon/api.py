@@ -10,7 +10,6 @@ runs the Pallas kernels in interpret mode (CPU tests).
 from __future__ import annotations
 
 import functools
-import logging
 import os
 from types import ModuleType
 
@@ -19,6 +18,7 @@ import jax
 from dhara_jax.errors import ConfigError
 from dhara_jax.kernels.canon import pallas_gpu, pallas_tpu, reference, xla
 from dhara_jax.kernels.canon.common import PallasOptions
+from dhara_jax.kernels.lowering import compiles
 
 ENV_VAR = "DHARA_CANON_IMPL"
 INTERPRET_ENV_VAR = "DHARA_PALLAS_INTERPRET"
@@ -31,9 +31,6 @@ CPU_IMPL = "reference"
 # well on every backend (the grouped conv is the slow one on CPU, see above).
 FALLBACK_IMPL = "reference"
 _AUTO = {"tpu": "pallas_tpu", "gpu": "pallas_gpu", "cuda": "pallas_gpu", "rocm": "pallas_gpu"}
-
-_log = logging.getLogger(__name__)
-_warned: set[str] = set()
 
 
 def resolve_impl(impl: str | None = None) -> str:
@@ -68,18 +65,7 @@ def _spec(a: jax.Array | None) -> jax.ShapeDtypeStruct | None:
 def _lowers(impl: str, op: str, kwargs: tuple, specs: tuple, backend: str) -> bool:
   """Whether `impl`'s `op` compiles for these shapes on this backend (warns once per impl)."""
   fn = functools.partial(getattr(IMPLS[impl], op), **dict(kwargs))
-  try:
-    jax.jit(fn).lower(*specs).compile()
-    return True
-  except ConfigError:
-    raise
-  except Exception as err:  # Lowering errors come from Pallas, Mosaic, Triton or XLA alike.
-    if impl not in _warned:
-      _warned.add(impl)
-      reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
-      _log.warning("canon conv: %s does not lower on %s (%s); using the %s path", impl,
-                   backend, reason, FALLBACK_IMPL)
-    return False
+  return compiles(fn, specs, kernel=f"canon conv: {impl}", fallback=FALLBACK_IMPL)
 
 
 def _run(options: tuple[str, PallasOptions], op: str, *args, **kwargs) -> jax.Array:
