@@ -70,6 +70,9 @@ class ModelConfig:
   canon_activation: bool = False  # SiLU on the conv output (not recommended for transformers)
   canon_impl: str = "auto"  # conv kernel: auto ($DHARA_CANON_IMPL, else by backend) | reference |
   #                           xla | pallas_tpu | pallas_gpu
+  # Attention kernel: auto ($DHARA_ATTENTION_IMPL, else pallas_gpu on GPUs, xla elsewhere) | xla |
+  # pallas_gpu (FlashAttention; sliding-window layers always run on xla). See kernels/attention.py.
+  attention_impl: str = "auto"
   # Embeddings and output.
   tie_embeddings: bool = True
   embed_scale: bool = False  # multiply token embeddings by sqrt(d_model) (Gemma)
@@ -93,6 +96,16 @@ class ModelConfig:
   @property
   def local_rope_theta(self) -> float:
     return self.rope_local_theta or self.rope_theta
+
+
+# ModelConfig fields that choose how the model is computed, not what it computes: a run may
+# resume with other values, and exports do not carry them.
+RUNTIME_FIELDS = ("dtype", "canon_impl", "attention_impl")
+
+
+def architecture(cfg: ModelConfig) -> dict[str, Any]:
+  """The fields that decide what the model computes (all but RUNTIME_FIELDS)."""
+  return {k: v for k, v in dataclasses.asdict(cfg).items() if k not in RUNTIME_FIELDS}
 
 
 def compact_pattern(kinds: str) -> str:
@@ -207,6 +220,7 @@ _CHOICES = {
     "mlp": ("gelu", "swiglu", "geglu"),
     "dtype": ("float32", "bfloat16"),
     "canon_impl": ("auto", "reference", "xla", "pallas_tpu", "pallas_gpu"),
+    "attention_impl": ("auto", "xla", "pallas_gpu"),
 }
 
 

@@ -33,11 +33,6 @@ from dhara_jax.sharding import make_mesh
 from dhara_jax.train import (abstract_state, build, init_state, make_eval_step,
                              make_train_step)
 
-# Compute dtype and kernel choices may change between a run and its resumption; the rest of
-# the model section must match the checkpoint.
-NON_ARCH_FIELDS = ("dtype",)
-
-
 def prepare_run_dir(run_dir: Path) -> Path:
   run_dir = Path(run_dir)
   ensure_writable(run_dir, "run dir")
@@ -65,7 +60,7 @@ def exclusive_use(run_dir: Path) -> Iterator[None]:
 
 def architecture_diff(saved_model: dict, model: dict) -> list[str]:
   return [f"model.{k}: checkpoint {saved_model.get(k)!r}, config {v!r}" for k, v in model.items()
-          if k not in NON_ARCH_FIELDS and saved_model.get(k) != v]
+          if k not in config_lib.RUNTIME_FIELDS and saved_model.get(k) != v]
 
 
 def evaluate(eval_step: Callable, params: Any, batches: Iterator[dict], count: int) -> float:

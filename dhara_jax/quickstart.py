@@ -74,7 +74,7 @@ def run(out_dir: str | Path, config: str = CONFIG, overrides: tuple[str, ...] = 
   theirs = torch_logits(load_torch_model(hf_dir), batch["tokens"])
   max_diff = float(np.max(np.abs(ours - theirs)))
   cfg_back, params_back = import_hf(hf_dir)
-  exact = cfg_back == cfg.model and all(
+  exact = config_lib.architecture(cfg_back) == config_lib.architecture(cfg.model) and all(
       np.array_equal(np.asarray(a), np.asarray(b))
       for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(params_back)))
 

@@ -138,6 +138,21 @@ def test_canon_import_is_bit_identical(canon_export):
     assert np.array_equal(np.asarray(a), b)
 
 
+def test_kernel_choices_are_not_exported():
+  """config.json carries the architecture only: the PyTorch model has its own kernels, and an
+  import runs on whatever the importing machine picks."""
+  from dhara_jax.config import RUNTIME_FIELDS, architecture
+  from dhara_jax.export.custom import config_from_json, config_json
+
+  cfg = tiny_config("llama3", "model.canon_set=AC", "model.canon_impl=xla",
+                    "model.attention_impl=pallas_gpu")
+  written = config_json(cfg)
+  assert not set(RUNTIME_FIELDS) & set(written["dhara_fields"])
+  back = config_from_json(written)
+  assert architecture(back) == architecture(cfg)
+  assert (back.canon_impl, back.attention_impl) == ("auto", "auto")
+
+
 def test_dhara_70m_exports_with_custom_code(tmp_path):
   """The real preset (at 2 layers to stay fast) exports and matches through trust_remote_code."""
   cfg = config.load("configs/models/dhara_70m.yaml", ["model.num_layers=2",

@@ -153,6 +153,18 @@ def test_checkpoint_dir_elsewhere(tmp_path):
   assert summary["steps"] == 3 and [r["step"] for r in read_metrics(tmp_path / "run")][-1] == 3
 
 
+def test_dtype_and_kernel_choices_may_change_on_resume():
+  """A run may resume in another compute dtype or with other kernels; any other model field is
+  another architecture."""
+  from dhara_jax.loop import architecture_diff
+
+  saved = config.to_dict(tiny_run())["model"]
+  resumed = {**saved, "dtype": "bfloat16", "canon_impl": "xla", "attention_impl": "pallas_gpu"}
+  assert architecture_diff(saved, resumed) == []
+  assert architecture_diff(saved, {**resumed, "num_kv_heads": 4}) == [
+      f"model.num_kv_heads: checkpoint {saved['num_kv_heads']!r}, config 4"]
+
+
 def test_other_architecture_tokenizer_and_unwritable_dir_are_refused(tmp_path):
   from data_pipeline import commands
 

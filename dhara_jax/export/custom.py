@@ -14,15 +14,15 @@ from pathlib import Path
 
 from flax import traverse_util
 
-from dhara_jax.config import ModelConfig
+from dhara_jax.config import RUNTIME_FIELDS, ModelConfig
 from dhara_jax.export.hf import Entry, linear, same
 from dhara_jax.model import param_shapes
 
 REMOTE_CODE = Path(__file__).parent / "remote_code"
 CODE_FILES = ("configuration_dhara.py", "modeling_dhara.py")
-# ModelConfig fields that describe the architecture (the compute dtype is not one: the PyTorch
-# model computes in the dtype its weights are loaded in).
-ARCH_FIELDS = tuple(f.name for f in dataclasses.fields(ModelConfig) if f.name != "dtype")
+# The PyTorch model computes in the dtype its weights are loaded in, with its own kernels.
+ARCH_FIELDS = tuple(f.name for f in dataclasses.fields(ModelConfig)
+                    if f.name not in RUNTIME_FIELDS)
 
 
 def torch_name(path: str) -> tuple[str, bool]:

@@ -7,9 +7,11 @@ import jax
 import jax.numpy as jnp
 
 from dhara_jax.config import ModelConfig
+from dhara_jax.kernels.attention import flash_applies, flash_attention
 from dhara_jax.model.canon import maybe_canon
 from dhara_jax.model.layers import (Dense, Norm, RopeTable, apply_rope, matmul_at_b,
                                     transpose_copy)
+from dhara_jax.sharding import per_batch_shard
 
 
 class Attention(nn.Module):
@@ -52,13 +54,36 @@ class Attention(nn.Module):
       q_BxLxHxK = apply_rope(q_BxLxHxK, rope)
       k_BxLxGxK = apply_rope(k_BxLxGxK, rope)
 
-    out_BxLxHxK = blocked_attention(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, mask_Bx1xLxL,
-                                    scale=(cfg.query_scale_dim or head_dim) ** -0.5,
-                                    causal=cfg.attention == "causal",
-                                    window=cfg.sliding_window if self.local else 0)
+    out_BxLxHxK = attend(cfg.attention_impl, q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, mask_Bx1xLxL,
+                         segment_ids_BxL, scale=(cfg.query_scale_dim or head_dim) ** -0.5,
+                         causal=cfg.attention == "causal",
+                         window=cfg.sliding_window if self.local else 0)
     out_BxLxHK = out_BxLxHxK.reshape(batch, length, heads * head_dim)
     return Dense(d_model, ("q_heads", "embed"), cfg.use_bias, self.out_std, dtype,
                  name="o")(out_BxLxHK)
+
+
+def attend(impl: str, q_BxLxHxK: jax.Array, k_BxLxGxK: jax.Array, v_BxLxGxK: jax.Array,
+           mask_Bx1xLxL: jax.Array, segment_ids_BxL: jax.Array, *, scale: float, causal: bool,
+           window: int) -> jax.Array:
+  """Attention with the kernel `impl` chooses (kernels/attention.py): FlashAttention where it
+  applies and lowers, else `blocked_attention` over the mask.
+
+  The mask must be the one masks.attention_mask builds from these segment ids: FlashAttention
+  rebuilds it from the segment ids inside the kernel.
+  """
+  def masked(q, k, v, mask):
+    return blocked_attention(q, k, v, mask, scale, causal, window)
+
+  if not flash_applies(impl, q_BxLxHxK.shape[1], window):
+    return masked(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, mask_Bx1xLxL)
+
+  def flash_or_masked(q, k, v, mask, segment_ids):
+    out = flash_attention(q, k, v, segment_ids, scale=scale, causal=causal)
+    return masked(q, k, v, mask) if out is None else out
+
+  return per_batch_shard(flash_or_masked, split=(True,) * 5)(
+      q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, mask_Bx1xLxL, segment_ids_BxL)
 
 
 QUERY_BLOCK = 128

@@ -1,0 +1,127 @@
+"""FlashAttention (kernels/attention.py) against dhara's own masked attention.
+
+The Pallas GPU kernel runs in interpret mode here, the only way it runs on a CPU; on a GPU the
+same call compiles it with Triton.
+"""
+
+import functools
+import logging
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from dhara_jax import config
+from dhara_jax.errors import ConfigError
+from dhara_jax.kernels import attention, lowering
+from dhara_jax.model import forward
+from dhara_jax.model.attention import attend, blocked_attention
+from dhara_jax.model.masks import attention_mask
+from tiny import random_params, tiny_config
+
+RNG = np.random.default_rng(0)
+# Two documents and padding in one row, one document in the other.
+SEGMENTS = np.array([[1] * 100 + [2] * 120 + [0] * 36, [1] * 256], np.int32)
+
+
+def qkv(heads=4, kv_heads=2, head_dim=48, length=256):
+  shapes = [(2, length, heads, head_dim)] + [(2, length, kv_heads, head_dim)] * 2
+  return [jnp.asarray(RNG.standard_normal(s), jnp.float32) for s in shapes]
+
+
+def test_auto_is_xla_on_cpu_and_the_environment_can_choose(monkeypatch):
+  monkeypatch.delenv(attention.ENV_VAR, raising=False)
+  assert attention.resolve_impl("auto") == "xla"
+  assert attention.resolve_impl("pallas_gpu") == "pallas_gpu"
+  monkeypatch.setenv(attention.ENV_VAR, "pallas_gpu")
+  assert attention.resolve_impl("auto") == "pallas_gpu"
+  assert attention.resolve_impl("xla") == "xla"  # the config's explicit choice wins
+  monkeypatch.setenv(attention.ENV_VAR, "cudnn")
+  with pytest.raises(ConfigError, match=attention.ENV_VAR):
+    attention.resolve_impl("auto")
+  with pytest.raises(ConfigError, match="model.attention_impl"):
+    config.load("llama3", ["model.attention_impl=flash"])
+
+
+def test_flash_applies_only_to_whole_blocks_without_a_window():
+  assert attention.flash_applies("pallas_gpu", 1024, window=0)
+  assert not attention.flash_applies("pallas_gpu", 1024, window=512)  # sliding-window layers
+  assert not attention.flash_applies("pallas_gpu", 200, window=0)  # not whole 128-token blocks
+  assert not attention.flash_applies("xla", 1024, window=0)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_flash_attention_equals_masked_attention(causal, interpret_pallas):
+  """Values and gradients on the real tokens, with grouped KV heads, two documents in a row and
+  padding; head_dim 48 is the Dhara-70M one (the kernel pads it to 64)."""
+  q, k, v = qkv()
+  mask = attention_mask(jnp.asarray(SEGMENTS), causal=causal)
+  real = jnp.asarray(SEGMENTS > 0)[:, :, None, None]
+  scale = 48 ** -0.5
+
+  def masked(q, k, v):
+    return blocked_attention(q, k, v, mask, scale, causal)
+
+  def flash(q, k, v):
+    return attention.flash_attention(q, k, v, jnp.asarray(SEGMENTS), scale=scale, causal=causal)
+
+  def loss(fn, q, k, v):
+    return jnp.sum(jnp.where(real, fn(q, k, v), 0.0) ** 2)
+
+  want = jax.value_and_grad(functools.partial(loss, masked), argnums=(0, 1, 2))(q, k, v)
+  got = jax.value_and_grad(functools.partial(loss, flash), argnums=(0, 1, 2))(q, k, v)
+  jax.block_until_ready(got)
+  np.testing.assert_allclose(float(got[0]), float(want[0]), rtol=1e-5)
+  for g, w in zip(got[1], want[1]):
+    np.testing.assert_allclose(np.asarray(g), np.asarray(w), atol=2e-5)
+
+
+def test_model_with_flash_attention_matches_xla_on_one_device_and_on_a_mesh(interpret_pallas):
+  """The whole decoder, its gradients included; on a data×fsdp×tensor mesh the kernel runs per
+  batch shard (XLA cannot partition a Pallas call)."""
+  from dhara_jax.config import MeshConfig
+  from dhara_jax.sharding import axis_rules, make_mesh, param_shardings
+
+  overrides = ["model.num_layers=2", "model.max_seq_len=128"]
+  flash = tiny_config("llama3", *overrides, "model.attention_impl=pallas_gpu")
+  xla = tiny_config("llama3", *overrides, "model.attention_impl=xla")
+  params = random_params(xla)
+  tokens = RNG.integers(0, xla.vocab_size, (4, 128))
+  seg = np.repeat(np.array([[1] * 70 + [2] * 58]), 4, axis=0)
+
+  def loss_fn(cfg, p):
+    return jnp.mean(forward(cfg, p, tokens, seg)[0] ** 2)
+
+  want = jax.jit(jax.value_and_grad(functools.partial(loss_fn, xla)))(params)
+  got = jax.jit(jax.value_and_grad(functools.partial(loss_fn, flash)))(params)
+  jax.block_until_ready(got)
+  mesh = make_mesh(MeshConfig(data=2, fsdp=2, tensor=2))
+  shardings = param_shardings(flash, mesh)
+  with jax.set_mesh(mesh), axis_rules():
+    sharded = jax.jit(jax.value_and_grad(functools.partial(loss_fn, flash)),
+                      in_shardings=(shardings,))(jax.device_put(params, shardings))
+    jax.block_until_ready(sharded)
+  for result in (got, sharded):
+    np.testing.assert_allclose(float(result[0]), float(want[0]), rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(result[1]), jax.tree.leaves(want[1])):
+      np.testing.assert_allclose(np.asarray(a), np.asarray(b),
+                                 atol=1e-5 * float(jnp.max(jnp.abs(b))))
+
+
+def test_kernel_that_does_not_lower_warns_once_and_runs_masked_attention(monkeypatch, caplog):
+  """Compiled for real (not interpreted), the Triton kernel cannot lower on a CPU: the layer
+  falls back to the masked attention with one warning."""
+  monkeypatch.delenv("DHARA_PALLAS_INTERPRET", raising=False)
+  lowering._warned.clear()
+  attention._lowers.cache_clear()
+  q, k, v = qkv(length=128)
+  seg = jnp.asarray(SEGMENTS[:, :128])
+  mask = attention_mask(seg, causal=True)
+  with caplog.at_level(logging.WARNING, logger=lowering.__name__):
+    for _ in range(2):
+      got = attend("pallas_gpu", q, k, v, mask, seg, scale=0.1, causal=True, window=0)
+  np.testing.assert_array_equal(np.asarray(got),
+                                np.asarray(blocked_attention(q, k, v, mask, 0.1, True)))
+  warnings = [r for r in caplog.records if "attention: pallas_gpu" in r.getMessage()]
+  assert len(warnings) == 1 and "xla" in warnings[0].getMessage()
