@@ -19,6 +19,7 @@ import numpy as np
 from dhara_jax import config
 from dhara_jax.benchmarking import jax_train_step, seconds_per_call
 from dhara_jax.cli import positive_int
+from dhara_jax.kernels import attention
 from dhara_jax.metrics import mfu, peak_flops
 from dhara_jax.params import count_params
 
@@ -35,7 +36,8 @@ def main() -> None:
   device = jax.devices()[0]
   print(f"{args.config}: {cfg.model.family}, {cfg.model.num_layers} layers, d "
         f"{cfg.model.d_model}, {cfg.model.dtype}, B·T {batch}·{length}, "
-        f"{jax.device_count()} × {device.device_kind}")
+        f"{jax.device_count()} × {device.device_kind}, attention "
+        f"{attention.resolve_impl(cfg.model.attention_impl)}")
   seconds = seconds_per_call(jax_train_step(cfg, tokens, cfg.mesh), args.steps)
   tokens_per_second = batch * length / seconds
   flops_per_token = count_params(cfg.model, length)["flops_per_token"]

@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Issue 5's accelerator check as one command (about 6 minutes on one H100/H200):
+#   bash bench/gpu_check.sh      (logs under $OUT, or ./gpu_check/ when OUT is unset)
+# 1. the devices JAX sees; 2. FlashAttention (Pallas GPU) against the XLA attention: agreement
+# and speed at the Dhara-70M attention shape; 3. tokens/s and MFU of the Dhara-70M AR config
+# with each attention kernel; 4. the Canon conv kernels' GB/s. The bench scripts need only jax,
+# flax, optax, numpy and pyyaml (no dataset, tokenizer or install of this repo).
+set -u -o pipefail
+cd "$(dirname "$0")/.."
+out=${OUT:-gpu_check}
+mkdir -p "$out"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+python=${PYTHON:-python3}
+
+step() {  # step NAME SECONDS COMMAND...: runs it with a time limit, logs to $out/NAME.log
+  local name=$1 limit=$2
+  shift 2
+  echo "== $name: $*"
+  timeout "$limit" "$@" 2>&1 | tee "$out/$name.log"
+  echo "== $name: exit ${PIPESTATUS[0]}"
+}
+
+step devices 60 "$python" -c "import jax; print(jax.__version__, jax.devices())"
+step attention 120 "$python" bench/attention_kernel.py --batch 8 64
+step mfu_flash 150 "$python" bench/train_mfu.py --steps 10 model.attention_impl=pallas_gpu
+step mfu_xla 150 "$python" bench/train_mfu.py --steps 10 model.attention_impl=xla
+step canon 90 "$python" bench/canon_kernel.py --batch 8 64 --dtype bfloat16
