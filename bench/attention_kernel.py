@@ -1,15 +1,15 @@
 """Attention kernels on the current backend: forward+backward time, TFLOP/s and agreement.
 
-Runs `model.attention.attend` (the layer's own dispatch, fallback included) with each
-implementation at the Dhara-70M attention shape (8 query heads, 4 KV heads, head_dim 48,
-T = 1024, causal, packed documents of 100 tokens) and prints the mean time per call, the attention
-FLOP rate (causal: half of 4·B·H·T²·K forward, 2.5× that backward) and the largest difference
-from the xla path (output and gradients, relative to their largest value); a difference above
-the dtype's tolerance exits 1. Pallas GPU compiles only on GPUs; `--interpret` runs it in
-Pallas interpret mode (slow, a correctness check on CPU).
+Runs `model.attention.attend` (the layer's own dispatch, fallback included) with xla and this
+backend's flash kernel (or `--impl`) at the Dhara-70M attention shape (8 query heads, 4 KV
+heads, head_dim 48, T = 1024, causal, packed documents of 100 tokens) and prints the mean time
+per call, the attention FLOP rate (causal: half of 4·B·H·T²·K forward, 2.5× that backward)
+and the largest difference from the xla path (output and gradients, relative to their largest
+value); a difference above the dtype's tolerance exits 1. The Pallas kernels compile only on
+their GPU/TPU; `--interpret` runs them in Pallas interpret mode (a correctness check on CPU).
 
   python bench/attention_kernel.py [--batch 8 64] [--seq 1024] [--dtype bfloat16]
-      [--impl xla pallas_gpu] [--iters 5] [--interpret]
+      [--impl xla pallas_gpu pallas_tpu] [--iters 5] [--interpret]
 """
 
 from __future__ import annotations
@@ -69,13 +69,14 @@ def main() -> None:
   parser.add_argument("--kv-heads", type=int, default=4)
   parser.add_argument("--head-dim", type=int, default=48)
   parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
-  parser.add_argument("--impl", nargs="+", default=list(attention.IMPLS),
-                      choices=list(attention.IMPLS))
+  parser.add_argument("--impl", nargs="+", choices=list(attention.IMPLS),
+                      help="default: xla and this backend's flash kernel")
   parser.add_argument("--iters", type=int, default=5)
   parser.add_argument("--interpret", action="store_true", help="Pallas interpret mode")
   args = parser.parse_args()
   if args.interpret:
     os.environ["DHARA_PALLAS_INTERPRET"] = "1"
+  args.impl = args.impl or list(dict.fromkeys(["xla", attention.resolve_impl("auto")]))
 
   print(f"backend {jax.default_backend()} ({jax.devices()[0].device_kind}); auto impl: "
         f"{attention.resolve_impl('auto')}; T {args.seq}, heads {args.heads}/{args.kv_heads}, "
@@ -97,9 +98,9 @@ def main() -> None:
       disagrees |= diff > TOLERANCE[args.dtype]
       print(f"{impl:<11} {batch:>3} {seconds[impl] * 1e3:>9.2f} "
             f"{flops / seconds[impl] / 1e12:>8.2f} {diff:>15.2e}")
-    if {"xla", "pallas_gpu"} <= set(seconds):
-      print(f"B {batch}: ratio pallas_gpu/xla {seconds['xla'] / seconds['pallas_gpu']:.2f}x "
-            "(speed-up of FlashAttention over the blocked XLA attention)")
+    for impl in (i for i in seconds if i != "xla" and "xla" in seconds):
+      print(f"B {batch}: ratio {impl}/xla {seconds['xla'] / seconds[impl]:.2f}x "
+            "(speed-up of the flash kernel over the blocked XLA attention)")
   if disagrees:
     sys.exit(f"error: an implementation differs from xla by more than {TOLERANCE[args.dtype]} "
              "of the largest value (see the table)")

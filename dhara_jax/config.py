@@ -70,8 +70,8 @@ class ModelConfig:
   canon_activation: bool = False  # SiLU on the conv output (not recommended for transformers)
   canon_impl: str = "auto"  # conv kernel: auto ($DHARA_CANON_IMPL, else by backend) | reference |
   #                           xla | pallas_tpu | pallas_gpu
-  # Attention kernel: auto ($DHARA_ATTENTION_IMPL, else pallas_gpu on GPUs, xla elsewhere) | xla |
-  # pallas_gpu (FlashAttention; sliding-window layers always run on xla). See kernels/attention.py.
+  # Attention kernel: auto ($DHARA_ATTENTION_IMPL, else by backend) | xla | pallas_gpu |
+  # pallas_tpu (flash kernels; sliding-window layers always run on xla). kernels/attention.py.
   attention_impl: str = "auto"
   # Embeddings and output.
   tie_embeddings: bool = True
@@ -220,7 +220,7 @@ _CHOICES = {
     "mlp": ("gelu", "swiglu", "geglu"),
     "dtype": ("float32", "bfloat16"),
     "canon_impl": ("auto", "reference", "xla", "pallas_tpu", "pallas_gpu"),
-    "attention_impl": ("auto", "xla", "pallas_gpu"),
+    "attention_impl": ("auto", "xla", "pallas_gpu", "pallas_tpu"),
 }
 
 

@@ -79,7 +79,7 @@ def attend(impl: str, q_BxLxHxK: jax.Array, k_BxLxGxK: jax.Array, v_BxLxGxK: jax
     return masked(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, mask_Bx1xLxL)
 
   def flash_or_masked(q, k, v, mask, segment_ids):
-    out = flash_attention(q, k, v, segment_ids, scale=scale, causal=causal)
+    out = flash_attention(impl, q, k, v, segment_ids, scale=scale, causal=causal)
     return masked(q, k, v, mask) if out is None else out
 
   return per_batch_shard(flash_or_masked, split=(True,) * 5)(
