@@ -26,8 +26,7 @@ from jax.experimental.pallas.ops.gpu import attention as pallas_gpu_attention
 from jax.experimental.pallas.ops.tpu import splash_attention
 
 from dhara_jax.errors import ConfigError
-from dhara_jax.kernels.canon.api import INTERPRET_ENV_VAR
-from dhara_jax.kernels.lowering import compiles
+from dhara_jax.kernels.lowering import compiles, interpret_requested
 
 ENV_VAR = "DHARA_ATTENTION_IMPL"
 IMPLS = ("xla", "pallas_gpu", "pallas_tpu")
@@ -61,8 +60,7 @@ def flash_attention(impl: str, q_BxLxHxK: jax.Array, k_BxLxGxK: jax.Array,
 
   Segment id 0 (padding) attends to padding, as in model/masks.py; losses ignore those rows.
   """
-  if interpret is None:
-    interpret = os.environ.get(INTERPRET_ENV_VAR) == "1"
+  interpret = interpret_requested(interpret)
   impl = resolve_impl(impl)
   args = (q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, segment_ids_BxL.astype(jnp.int32))
   specs = tuple(jax.ShapeDtypeStruct(a.shape, a.dtype) for a in args)

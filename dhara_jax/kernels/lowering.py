@@ -1,16 +1,25 @@
-"""Whether a kernel compiles on this backend, so that callers can fall back instead of failing."""
+"""How Pallas kernels run: compiled (if they lower on this backend; else callers fall back) or
+interpreted (CPU tests)."""
 
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any, Callable
 
 import jax
 
 from dhara_jax.errors import ConfigError
 
+INTERPRET_ENV_VAR = "DHARA_PALLAS_INTERPRET"
+
 _log = logging.getLogger(__name__)
 _warned: set[str] = set()
+
+
+def interpret_requested(interpret: bool | None) -> bool:
+  """`interpret` if given, else whether $DHARA_PALLAS_INTERPRET is "1"."""
+  return os.environ.get(INTERPRET_ENV_VAR) == "1" if interpret is None else interpret
 
 
 def compiles(fn: Callable, specs: tuple[Any, ...], *, kernel: str, fallback: str) -> bool:

@@ -18,10 +18,9 @@ import jax
 from dhara_jax.errors import ConfigError
 from dhara_jax.kernels.canon import pallas_gpu, pallas_tpu, reference, xla
 from dhara_jax.kernels.canon.common import PallasOptions
-from dhara_jax.kernels.lowering import compiles
+from dhara_jax.kernels.lowering import compiles, interpret_requested
 
 ENV_VAR = "DHARA_CANON_IMPL"
-INTERPRET_ENV_VAR = "DHARA_PALLAS_INTERPRET"
 IMPLS: dict[str, ModuleType] = {"reference": reference, "xla": xla, "pallas_tpu": pallas_tpu,
                                 "pallas_gpu": pallas_gpu}
 # bench/canon_kernel.py on the 2-core dev CPU: XLA:CPU's grouped conv is ~100× slower than the
@@ -118,7 +117,5 @@ def canon_conv(x_BxLxC: jax.Array, w_KxC: jax.Array, segment_ids_BxL: jax.Array 
   block_t, block_c: Pallas tile sizes (None: each kernel's default).
   """
   _check_args(x_BxLxC, w_KxC, segment_ids_BxL)
-  if interpret is None:
-    interpret = os.environ.get(INTERPRET_ENV_VAR) == "1"
-  options = (resolve_impl(impl), PallasOptions(interpret, block_t, block_c))
+  options = (resolve_impl(impl), PallasOptions(interpret_requested(interpret), block_t, block_c))
   return _canon_conv(options, x_BxLxC, w_KxC, segment_ids_BxL)
