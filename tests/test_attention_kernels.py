@@ -141,3 +141,23 @@ def test_kernel_that_does_not_lower_warns_once_and_runs_masked_attention(impl, m
                                 np.asarray(blocked_attention(q, k, v, mask, 0.1, True)))
   warnings = [r for r in caplog.records if f"attention: {impl}" in r.getMessage()]
   assert len(warnings) == 1 and "xla" in warnings[0].getMessage()
+
+
+@pytest.mark.parametrize("platform,impl", [("tpu", "pallas_tpu"), ("cuda", "pallas_gpu")])
+def test_flash_kernels_lower_for_their_accelerator(platform, impl):
+  """Forward and backward lower to Mosaic / Triton IR at the Dhara-70M attention shape (bf16,
+  8/4 heads, head_dim 48, T 1024); the final Mosaic/PTX compile needs the chip."""
+  q = jax.ShapeDtypeStruct((2, 1024, 8, 48), jnp.bfloat16)
+  kv = jax.ShapeDtypeStruct((2, 1024, 4, 48), jnp.bfloat16)
+  seg = jax.ShapeDtypeStruct((2, 1024), jnp.int32)
+  kernel = functools.partial(attention._KERNELS[impl], scale=48 ** -0.5, causal=True,
+                             interpret=False)
+
+  def forward_and_backward(q, k, v, segment_ids):
+    out, vjp = jax.vjp(lambda q, k, v: kernel(q, k, v, segment_ids), q, k, v)
+    return out, vjp(out)
+
+  allow = [jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")]
+  exported = jax.export.export(jax.jit(forward_and_backward), platforms=[platform],
+                               disabled_checks=allow)(q, kv, kv, seg)
+  assert "custom_call" in exported.mlir_module()
