@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dhara_jax.benchmarking import seconds_per_call
-from dhara_jax.kernels import attention
+from dhara_jax.kernels import attention, lowering
 from dhara_jax.model.attention import attend
 from dhara_jax.model.masks import attention_mask
 
@@ -75,7 +75,7 @@ def main() -> None:
   parser.add_argument("--interpret", action="store_true", help="Pallas interpret mode")
   args = parser.parse_args()
   if args.interpret:
-    os.environ["DHARA_PALLAS_INTERPRET"] = "1"
+    os.environ[lowering.INTERPRET_ENV_VAR] = "1"
   args.impl = args.impl or list(dict.fromkeys(["xla", attention.resolve_impl("auto")]))
 
   print(f"backend {jax.default_backend()} ({jax.devices()[0].device_kind}); auto impl: "
@@ -90,8 +90,8 @@ def main() -> None:
     results, seconds = {}, {}
     for impl in args.impl:
       step = make_step(impl, args.head_dim)
-      results[impl] = jax.device_get(step(*inputs))
-      seconds[impl] = seconds_per_call(functools.partial(step, *inputs), args.iters)
+      results[impl] = jax.device_get(step(*inputs))  # also the compile and warm-up call
+      seconds[impl] = seconds_per_call(functools.partial(step, *inputs), args.iters, warmup=0)
     for impl in args.impl:
       diff = (max(relative_difference(a, b) for a, b in zip(results[impl], results["xla"]))
               if "xla" in results else float("nan"))

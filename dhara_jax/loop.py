@@ -33,6 +33,7 @@ from dhara_jax.sharding import make_mesh
 from dhara_jax.train import (abstract_state, build, init_state, make_eval_step,
                              make_train_step)
 
+
 def prepare_run_dir(run_dir: Path) -> Path:
   run_dir = Path(run_dir)
   ensure_writable(run_dir, "run dir")

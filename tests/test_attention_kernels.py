@@ -128,7 +128,7 @@ def test_kernel_that_does_not_lower_warns_once_and_runs_masked_attention(impl, m
                                                                           caplog):
   """Compiled for real (not interpreted), neither kernel lowers on a CPU: the layer falls back
   to the masked attention with one warning."""
-  monkeypatch.delenv("DHARA_PALLAS_INTERPRET", raising=False)
+  monkeypatch.delenv(lowering.INTERPRET_ENV_VAR, raising=False)
   lowering._warned.clear()
   attention._lowers.cache_clear()
   q, k, v = qkv(length=128)
@@ -150,14 +150,8 @@ def test_flash_kernels_lower_for_their_accelerator(platform, impl):
   q = jax.ShapeDtypeStruct((2, 1024, 8, 48), jnp.bfloat16)
   kv = jax.ShapeDtypeStruct((2, 1024, 4, 48), jnp.bfloat16)
   seg = jax.ShapeDtypeStruct((2, 1024), jnp.int32)
-  kernel = functools.partial(attention._KERNELS[impl], scale=48 ** -0.5, causal=True,
-                             interpret=False)
-
-  def forward_and_backward(q, k, v, segment_ids):
-    out, vjp = jax.vjp(lambda q, k, v: kernel(q, k, v, segment_ids), q, k, v)
-    return out, vjp(out)
-
+  program = attention.forward_and_backward(impl, scale=48 ** -0.5, causal=True)
   allow = [jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")]
-  exported = jax.export.export(jax.jit(forward_and_backward), platforms=[platform],
+  exported = jax.export.export(jax.jit(program), platforms=[platform],
                                disabled_checks=allow)(q, kv, kv, seg)
   assert "custom_call" in exported.mlir_module()

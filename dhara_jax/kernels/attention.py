@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import functools
 import os
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -102,12 +103,20 @@ def _splash_kernel(length: int, heads: int, causal: bool, interpret: bool):
 _KERNELS = {"pallas_gpu": _pallas_gpu, "pallas_tpu": _pallas_tpu}
 
 
-@functools.lru_cache(maxsize=None)
-def _lowers(impl: str, specs: tuple, scale: float, causal: bool) -> bool:
+def forward_and_backward(impl: str, *, scale: float, causal: bool) -> Callable:
+  """(q, k, v, segment_ids) → (output, gradients of q, k, v): every program a training step
+  compiles from `impl`'s kernel (for checking that they lower)."""
   kernel = functools.partial(_KERNELS[impl], scale=scale, causal=causal, interpret=False)
 
-  def forward_and_backward(q, k, v, segment_ids):
-    out, vjp = jax.vjp(lambda q, k, v: kernel(q, k, v, segment_ids), q, k, v)
+  def run(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, segment_ids_BxL):
+    out, vjp = jax.vjp(lambda q, k, v: kernel(q, k, v, segment_ids_BxL), q_BxLxHxK, k_BxLxGxK,
+                       v_BxLxGxK)
     return out, vjp(out)
 
-  return compiles(forward_and_backward, specs, kernel=f"attention: {impl}", fallback="xla")
+  return run
+
+
+@functools.lru_cache(maxsize=None)
+def _lowers(impl: str, specs: tuple, scale: float, causal: bool) -> bool:
+  return compiles(forward_and_backward(impl, scale=scale, causal=causal), specs,
+                  kernel=f"attention: {impl}", fallback="xla")
