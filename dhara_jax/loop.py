@@ -28,6 +28,7 @@ from dhara_jax.checkpoint import Checkpointer, checkpoint_directory, ensure_writ
 from dhara_jax.config import Config
 from dhara_jax.errors import DharaError
 from dhara_jax.metrics import MetricsWriter, mfu
+from dhara_jax.model import kernel_choices
 from dhara_jax.params import count_params
 from dhara_jax.sharding import make_mesh
 from dhara_jax.train import (abstract_state, build, init_state, make_eval_step,
@@ -107,19 +108,23 @@ def run(cfg: Config, run_dir: Path, data: Callable[[Config, Mesh], Data] = pipel
         stop_at: int | None = None, progress: bool = True) -> dict:
   """Trains until `train.steps` (or `stop_at`, if earlier); returns a summary dict."""
   cfg.check_rows_fit_model()
+  kernel_choices(cfg.model)
   # Both dirs are checked before any data is read. A checkpoint dir of its own goes first, so
   # that refusing it leaves no empty run dir behind; the default one lives in the run dir.
   checkpoint_dir = checkpoint_directory(run_dir, cfg.train.checkpoint_dir)
+  new_dirs = [Path(d) for d in (checkpoint_dir, run_dir) if "://" not in str(d)
+              and not Path(d).exists()]
   if cfg.train.checkpoint_dir:
     ensure_writable(checkpoint_dir, "checkpoint dir")
   run_dir = prepare_run_dir(run_dir)
   if not cfg.train.checkpoint_dir:
     ensure_writable(checkpoint_dir, "checkpoint dir")
-  if cfg.train.multihost:
-    jax.distributed.initialize()
-  mesh = make_mesh(cfg.mesh)
-  data = data(cfg, mesh)
-  tx, shardings = build(cfg, mesh)
+  with _removed_if_left_empty(new_dirs):  # a start that fails (data, mesh) leaves no trace
+    if cfg.train.multihost:
+      jax.distributed.initialize()
+    mesh = make_mesh(cfg.mesh)
+    data = data(cfg, mesh)
+    tx, shardings = build(cfg, mesh)
   resolved = config_lib.to_dict(cfg)
   with contextlib.ExitStack() as cleanup:
     cleanup.enter_context(exclusive_use(run_dir))
@@ -152,6 +157,19 @@ def run(cfg: Config, run_dir: Path, data: Callable[[Config, Mesh], Data] = pipel
     return _loop(cfg, mesh, tx, shardings, state, data, checkpoints, metrics, resolved,
                  start=latest or 0, last=min(cfg.train.steps, stop_at or cfg.train.steps),
                  last_good=latest, progress=progress, stop_requested=stop_requested)
+
+
+@contextlib.contextmanager
+def _removed_if_left_empty(directories: list[Path]) -> Iterator[None]:
+  """On an error, removes those of `directories` (made by this run, children first) that are
+  still empty; rmdir never removes a directory with anything in it."""
+  try:
+    yield
+  except BaseException:
+    for directory in directories:
+      with contextlib.suppress(OSError):
+        directory.rmdir()
+    raise
 
 
 @contextlib.contextmanager

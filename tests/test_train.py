@@ -14,6 +14,8 @@ import pytest
 from dhara_jax import config
 from dhara_jax.config import MeshConfig
 from dhara_jax.errors import ConfigError, DharaError
+from dhara_jax.kernels import attention
+from dhara_jax.kernels.canon import api as canon_api
 from dhara_jax.loop import run
 from dhara_jax.metrics import read_metrics
 from dhara_jax.model import Head, init_params
@@ -188,6 +190,30 @@ def test_other_architecture_tokenizer_and_unwritable_dir_are_refused(tmp_path):
   with pytest.raises(ConfigError, match=r"data.seq_len: 64 is longer than model.max_seq_len=32"):
     run(tiny_run("data.seq_len=64"), tmp_path / "long", progress=False)
   assert not (tmp_path / "long").exists()
+
+
+def test_a_failed_start_leaves_no_run_dir(tmp_path, monkeypatch):
+  # A data source that cannot be read: refused after the run dir was made, which goes again.
+  with pytest.raises(DharaError, match="missing.model"):
+    run(tiny_run(f"data.tokenizer={tmp_path / 'missing.model'}"), tmp_path / "run",
+        progress=False)
+  assert not (tmp_path / "run").exists()
+  # A bad kernel override is read before anything is made (not at the first trace).
+  monkeypatch.setenv(attention.ENV_VAR, "cudnn")
+  with pytest.raises(ConfigError, match="DHARA_ATTENTION_IMPL='cudnn'"):
+    run(tiny_run(), tmp_path / "run", progress=False)
+  monkeypatch.delenv(attention.ENV_VAR)
+  monkeypatch.setenv(canon_api.ENV_VAR, "triton")
+  with pytest.raises(ConfigError, match="DHARA_CANON_IMPL='triton'"):
+    run(tiny_run("model.canon_set=AC"), tmp_path / "run", progress=False)
+  assert not (tmp_path / "run").exists()
+  monkeypatch.delenv(canon_api.ENV_VAR)
+  # A run dir that existed before stays, and so does anything in it.
+  (tmp_path / "kept").mkdir()
+  with pytest.raises(DharaError, match="missing.model"):
+    run(tiny_run(f"data.tokenizer={tmp_path / 'missing.model'}"), tmp_path / "kept",
+        progress=False)
+  assert (tmp_path / "kept").is_dir()
 
 
 def test_a_run_dir_in_use_is_refused(tmp_path):

@@ -9,6 +9,8 @@ import jax
 import jax.numpy as jnp
 
 from dhara_jax.config import ModelConfig
+from dhara_jax.kernels import attention as attention_kernels
+from dhara_jax.model.canon import conv_impl
 from dhara_jax.model.transformer import Transformer
 
 Params = dict[str, Any]
@@ -49,6 +51,16 @@ def forward_hidden(cfg: ModelConfig, params: Params, tokens_BxL: jax.Array,
   """`forward` without the output head: (final hidden states B×L×D in the compute dtype,
   auxiliary loss). `output_head` gives the head."""
   return _apply(cfg, params, tokens_BxL, segment_ids_BxL, positions_BxL, head=False)
+
+
+def kernel_choices(cfg: ModelConfig) -> dict[str, str]:
+  """The attention and Canon kernels this config runs on the default backend. Reads the
+  $DHARA_ATTENTION_IMPL / $DHARA_CANON_IMPL overrides, so calling it before writing anything
+  makes a bad override fail first instead of at the first trace."""
+  choices = {"attention": attention_kernels.resolve_impl(cfg.attention_impl)}
+  if cfg.canon_set:
+    choices["canon"] = conv_impl(cfg)
+  return choices
 
 
 class Head(NamedTuple):

@@ -30,6 +30,16 @@ def torch_conv_init(kernel: int) -> nn.initializers.Initializer:
   return init
 
 
+def _requested_impl(cfg: ModelConfig) -> str | None:
+  """`model.canon_impl` as canon_conv takes it: None (auto) lets $DHARA_CANON_IMPL choose."""
+  return None if cfg.canon_impl == "auto" else cfg.canon_impl
+
+
+def conv_impl(cfg: ModelConfig) -> str:
+  """The Canon conv kernel this config runs on the default backend."""
+  return resolve_impl(_requested_impl(cfg))
+
+
 def conv(cfg: ModelConfig, h_BxLxC: jax.Array, w_KxC: jax.Array,
          segment_ids_BxL: jax.Array) -> jax.Array:
   """The Canon conv with the configured kernel.
@@ -39,9 +49,9 @@ def conv(cfg: ModelConfig, h_BxLxC: jax.Array, w_KxC: jax.Array,
   Pallas call at all, and its SPMD partitioner doubles the grouped-conv weight gradient when the
   activations are replicated over `tensor` (seen with jax 0.10.2; tests/test_canon_model.py).
   """
-  impl = None if cfg.canon_impl == "auto" else cfg.canon_impl
+  impl = _requested_impl(cfg)
   fn = functools.partial(canon_conv, impl=impl)
-  if resolve_impl(impl) != "reference":
+  if conv_impl(cfg) != "reference":
     fn = per_batch_shard(fn, split=(True, False, True))
   return fn(h_BxLxC, w_KxC, segment_ids_BxL)
 
