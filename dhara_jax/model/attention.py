@@ -135,9 +135,10 @@ def softmax_attention(q_BxGxRxLxK: jax.Array, k_BxGxSxK: jax.Array, v_BxGxSxK: j
                       mask_BxLxS: jax.Array) -> jax.Array:
   """softmax(q·kᵀ masked)·v for pre-scaled queries, with FlashAttention's backward.
 
-  The backward recomputes the probabilities from the saved row max and normaliser instead of
-  keeping them, and needs one elementwise pass over the scores where autodiff of the softmax
-  takes several: less memory and, on CPU, most of the backward's time. Every contraction
+  The backward recomputes the probabilities from the saved row max and normaliser (XLA:CPU
+  merges that with the forward's instead, see `_probabilities`) and needs one elementwise pass
+  over the scores where autodiff of the softmax takes several: on CPU, most of the backward's
+  time. Every contraction
   takes operands in the compute dtype and accumulates in float32. R query heads share each
   key/value head: they are folded into the query rows (M = R·L).
   """
@@ -149,12 +150,12 @@ def _attention_fwd(q_BxGxRxLxK, k_BxGxSxK, v_BxGxSxK, mask_BxLxS):
   q_BxGxMxK = q_BxGxRxLxK.reshape(batch, groups, repeats * length, head_dim)
   scores_BxGxMxS = _masked_scores(q_BxGxMxK, k_BxGxSxK, mask_BxLxS, repeats)
   max_BxGxMx1 = jnp.max(scores_BxGxMxS, axis=-1, keepdims=True)
-  unnormalised_BxGxMxS = jnp.exp(scores_BxGxMxS - max_BxGxMx1)
-  inv_sum_BxGxMx1 = 1.0 / jnp.sum(unnormalised_BxGxMxS, axis=-1, keepdims=True)
-  # Normalise the M×K output rather than the M×S probabilities: S/K times fewer divisions.
-  out_BxGxMxK = _batched_dot(unnormalised_BxGxMxS.astype(v_BxGxSxK.dtype), v_BxGxSxK, 3, 2)
-  out_BxGxRxLxK = (out_BxGxMxK * inv_sum_BxGxMx1).astype(q_BxGxRxLxK.dtype).reshape(
-      q_BxGxRxLxK.shape)
+  inv_sum_BxGxMx1 = 1.0 / jnp.sum(jnp.exp(scores_BxGxMxS - max_BxGxMx1), axis=-1,
+                                  keepdims=True)
+  probs_BxGxMxS = _probabilities(scores_BxGxMxS, max_BxGxMx1, inv_sum_BxGxMx1,
+                                 v_BxGxSxK.dtype)
+  out_BxGxRxLxK = _batched_dot(probs_BxGxMxS, v_BxGxSxK, 3, 2).astype(
+      q_BxGxRxLxK.dtype).reshape(q_BxGxRxLxK.shape)
   residuals = (q_BxGxRxLxK, k_BxGxSxK, v_BxGxSxK, mask_BxLxS, out_BxGxRxLxK, max_BxGxMx1,
                inv_sum_BxGxMx1)
   return out_BxGxRxLxK, residuals
@@ -169,10 +170,7 @@ def _attention_bwd(residuals, dout_BxGxRxLxK):
   q_BxGxMxK, out_BxGxMxK, dout_BxGxMxK = map(rows, (q_BxGxRxLxK, out_BxGxRxLxK, dout_BxGxRxLxK))
 
   scores_BxGxMxS = _masked_scores(q_BxGxMxK, k_BxGxSxK, mask_BxLxS, repeats)
-  # In the compute dtype: XLA:CPU shares exp(scores − max) with the forward's and then keeps
-  # every layer's probabilities from forward to backward (half the memory in bf16; the 8-layer
-  # CPU benchmark's temporaries 1.84 → 1.50 GB). dscores is rounded to that dtype anyway.
-  probs_BxGxMxS = (jnp.exp(scores_BxGxMxS - max_BxGxMx1) * inv_sum_BxGxMx1).astype(dtype)
+  probs_BxGxMxS = _probabilities(scores_BxGxMxS, max_BxGxMx1, inv_sum_BxGxMx1, dtype)
   dv_BxGxSxK = matmul_at_b(dout_BxGxMxK, probs_BxGxMxS, transpose_result=True)
   dprobs_BxGxMxS = _batched_dot(dout_BxGxMxK, v_BxGxSxK, 3, 3)
   # softmax backward: dscores = p·(dp − Σ_s p·dp), and Σ_s p·dp = Σ_k dout·out.
@@ -187,6 +185,18 @@ def _attention_bwd(residuals, dout_BxGxRxLxK):
 
 
 softmax_attention.defvjp(_attention_fwd, _attention_bwd)
+
+
+def _probabilities(scores_BxGxMxS: jax.Array, max_BxGxMx1: jax.Array,
+                   inv_sum_BxGxMx1: jax.Array, dtype: jnp.dtype) -> jax.Array:
+  """softmax(scores) in `dtype`, from the row max and 1/Σexp.
+
+  The forward and the backward both call this. XLA:CPU merges the backward's recomputation
+  with the forward's result and keeps that from forward to backward, so in bf16 each layer
+  keeps one bf16 M×S array instead of f32 and bf16 ones (the 8-layer CPU benchmark's
+  temporaries 1.84 → 1.50 GB); the backward's dscores is rounded to `dtype` anyway.
+  """
+  return (jnp.exp(scores_BxGxMxS - max_BxGxMx1) * inv_sum_BxGxMx1).astype(dtype)
 
 
 def _batched_dot(a: jax.Array, b: jax.Array, a_contract: int, b_contract: int) -> jax.Array:
