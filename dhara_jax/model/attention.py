@@ -138,9 +138,8 @@ def softmax_attention(q_BxGxRxLxK: jax.Array, k_BxGxSxK: jax.Array, v_BxGxSxK: j
   The backward recomputes the probabilities from the saved row max and normaliser (XLA:CPU
   merges that with the forward's instead, see `_probabilities`) and needs one elementwise pass
   over the scores where autodiff of the softmax takes several: on CPU, most of the backward's
-  time. Every contraction
-  takes operands in the compute dtype and accumulates in float32. R query heads share each
-  key/value head: they are folded into the query rows (M = R·L).
+  time. Every contraction takes operands in the compute dtype and accumulates in float32. R
+  query heads share each key/value head: they are folded into the query rows (M = R·L).
   """
   return _attention_fwd(q_BxGxRxLxK, k_BxGxSxK, v_BxGxSxK, mask_BxLxS)[0]
 
