@@ -21,11 +21,12 @@ from dhara_jax.config import MeshConfig, ModelConfig
 from dhara_jax.errors import ConfigError
 
 MESH_AXES = ("data", "fsdp", "tensor")
+BATCH_AXES = ("data", "fsdp")  # the mesh axes batch rows are cut over
 
 # Logical axis -> mesh axes. Parameters: `embed` rows are FSDP-sharded, head / MLP / vocab
 # columns tensor-sharded. Activations: batch over data × fsdp, everything else replicated.
 LOGICAL_RULES: tuple[tuple[str, Any], ...] = (
-    ("batch", ("data", "fsdp")),
+    ("batch", BATCH_AXES),
     ("length", None),
     ("act_embed", None),
     ("vocab", "tensor"),
@@ -93,12 +94,12 @@ def param_shardings(cfg: ModelConfig, mesh: Mesh) -> Any:
 
 def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
   """Leading (batch) axis over data × fsdp; the rest replicated."""
-  return NamedSharding(mesh, PartitionSpec(("data", "fsdp"), *([None] * (ndim - 1))))
+  return NamedSharding(mesh, PartitionSpec(BATCH_AXES, *([None] * (ndim - 1))))
 
 
 def batch_shards(mesh: Mesh) -> int:
   """How many pieces `batch_sharding` cuts the batch into (data × fsdp)."""
-  return mesh.shape["data"] * mesh.shape["fsdp"]
+  return math.prod(mesh.shape[axis] for axis in BATCH_AXES)
 
 
 def per_batch_shard(fn: Callable[..., jax.Array],
@@ -109,7 +110,7 @@ def per_batch_shard(fn: Callable[..., jax.Array],
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty or mesh.size == 1:
     return fn
-  rows = PartitionSpec(tuple(a for a in ("data", "fsdp") if a in mesh.axis_names) or None)
+  rows = PartitionSpec(tuple(a for a in BATCH_AXES if a in mesh.axis_names) or None)
   # check_vma=False: pallas_call outputs carry no varying-axes annotation.
   in_specs = tuple(rows if cut else PartitionSpec() for cut in split)
   return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=rows, check_vma=False)

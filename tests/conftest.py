@@ -13,8 +13,10 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 def interpret_pallas(monkeypatch):
   """Pallas kernels run in interpret mode on CPU (the only way they run here). Afterwards, wait
   for every interpreter callback: one still pending would deadlock the next test's eager ops."""
-  monkeypatch.setenv("DHARA_PALLAS_INTERPRET", "1")
-  yield
-  import jax
+  import jax  # here, not at the top: XLA_FLAGS above must be set before jax is imported
 
+  from dhara_jax.kernels.lowering import INTERPRET_ENV_VAR
+
+  monkeypatch.setenv(INTERPRET_ENV_VAR, "1")
+  yield
   jax.effects_barrier()
