@@ -31,7 +31,11 @@ from dhara_jax.plot import plot_run
 
 CONFIG = "configs/runs/quickstart.yaml"
 PROMPT = "The history of science"
-PARITY_TOLERANCE = 1e-4
+# Max |Δlogit| between JAX and transformers, both float32. The trained model's attention scores
+# reach ~100, so its logits move by ~1e-4 when a matmul sums in another order: torch's CPU
+# matmul does so now and then (1.6e-4 and 3.0e-4 seen, against 3.8e-6 usually). An export bug
+# (a mis-mapped or mis-laid-out weight, a wrong RoPE or norm) moves them by far more than 1e-3.
+PARITY_TOLERANCE = 1e-3
 
 
 def run(out_dir: str | Path, config: str = CONFIG, overrides: tuple[str, ...] = (),
