@@ -104,8 +104,27 @@ RUNTIME_FIELDS = ("dtype", "canon_impl", "attention_impl")
 
 
 def architecture(cfg: ModelConfig) -> dict[str, Any]:
-  """The fields that decide what the model computes (all but RUNTIME_FIELDS)."""
-  return {k: v for k, v in dataclasses.asdict(cfg).items() if k not in RUNTIME_FIELDS}
+  """What the model computes: every field but RUNTIME_FIELDS, resolved, so that two spellings
+  of one model compare equal (an import from transformers and the preset it came from):
+  head_dim and query_scale_dim as used, layer_pattern as the per-layer kinds, None for a
+  field that does not apply to this model (sliding_window without sliding-window layers...)."""
+  out = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in RUNTIME_FIELDS}
+  kinds, head_dim = set(cfg.layer_kinds), cfg.resolved_head_dim
+  out.update(head_dim=head_dim, query_scale_dim=cfg.query_scale_dim or head_dim,
+             layer_pattern="".join(cfg.layer_kinds), rope_local_theta=cfg.local_rope_theta)
+  unused = {
+      "sliding_window": "L" not in kinds,
+      "rope_local_theta": "L" not in kinds or cfg.position != "rope",
+      "rope_theta": cfg.position != "rope",
+      "conv_kernel": "C" not in kinds,
+      "mlp_dim": bool(cfg.num_experts),  # every MLP is the experts
+      "experts_per_token": not cfg.num_experts, "moe_mlp_dim": not cfg.num_experts,
+      "moe_norm_topk": not cfg.num_experts, "moe_aux_loss_weight": not cfg.num_experts,
+      "canon_kernel": not cfg.canon_set, "canon_residual": not cfg.canon_set,
+      "canon_bias": not cfg.canon_set, "canon_activation": not cfg.canon_set,
+  }
+  out.update({field: None for field, is_unused in unused.items() if is_unused})
+  return out
 
 
 def compact_pattern(kinds: str) -> str:
@@ -355,7 +374,11 @@ def load_raw(spec: str | Path, _seen: tuple[Path, ...] = ()) -> dict:
   try:
     raw = yaml.safe_load(path.read_text())
   except yaml.YAMLError as e:
-    raise ConfigError(f"config: {path} is not valid YAML ({str(e).splitlines()[0]})") from None
+    raise ConfigError(f"config: {_yaml_error(path, e)}") from None
+  except UnicodeDecodeError:
+    raise ConfigError(f"config: {path} is not a text file") from None
+  except OSError as e:  # a directory, an unreadable file
+    raise ConfigError(f"config: cannot read {path} ({e.strerror or e})") from None
   raw = {} if raw is None else raw
   if not isinstance(raw, Mapping):
     raise ConfigError(f"config: {path} must hold a mapping of sections")
@@ -370,6 +393,14 @@ def load_raw(spec: str | Path, _seen: tuple[Path, ...] = ()) -> dict:
     base_path = (path.parent / base) if (path.parent / base).exists() else base
     merged = _merge(merged, load_raw(base_path, _seen + (path,)))
   return _merge(merged, raw)
+
+
+def _yaml_error(path: Path, e: yaml.YAMLError) -> str:
+  """`FILE:LINE:COLUMN: not valid YAML (problem)`, where PyYAML knows the place (1-based)."""
+  mark = getattr(e, "problem_mark", None)
+  problem = (getattr(e, "problem", None) or str(e) or type(e).__name__).splitlines()[0]
+  where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
+  return f"{where}: not valid YAML ({problem})"
 
 
 def apply_overrides(raw: dict, overrides: Iterable[str]) -> dict:

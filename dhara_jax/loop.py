@@ -61,8 +61,20 @@ def exclusive_use(run_dir: Path) -> Iterator[None]:
 
 
 def architecture_diff(saved_model: dict, model: dict) -> list[str]:
-  return [f"model.{k}: checkpoint {saved_model.get(k)!r}, config {v!r}" for k, v in model.items()
-          if k not in config_lib.RUNTIME_FIELDS and saved_model.get(k) != v]
+  """How a checkpoint's model section and the config's differ in what they compute, compared
+  resolved (`config.architecture`): a run imported from transformers continues with the preset
+  it came from, however each spells head_dim or layer_pattern."""
+  known = {f.name for f in dataclasses.fields(config_lib.ModelConfig)}
+  unknown = [f"model.{k}: checkpoint {v!r}, config has no such field"
+             for k, v in saved_model.items() if k not in known]
+  sides = [{k: v for k, v in m.items() if k in known} for m in (saved_model, model)]
+  try:  # fields a checkpoint omits (it is older than them) take their defaults
+    saved, current = (config_lib.architecture(config_lib.ModelConfig(**m)) for m in sides)
+  except (DharaError, TypeError):  # values this version refuses: compare them as written
+    saved, current = ({k: v for k, v in m.items() if k not in config_lib.RUNTIME_FIELDS}
+                      for m in sides)
+  return unknown + [f"model.{k}: checkpoint {saved.get(k)!r}, config {v!r}"
+                    for k, v in current.items() if saved.get(k) != v]
 
 
 def evaluate(eval_step: Callable, params: Any, batches: Iterator[dict], count: int) -> float:

@@ -122,11 +122,41 @@ def test_cli_bad_config_is_one_line_and_nonzero(tmp_path):
   assert proc.stderr.strip() == "error: model.colour: unknown field"
 
 
-def test_invalid_yaml_is_reported(tmp_path):
+def test_invalid_yaml_is_reported_with_line_and_column(tmp_path, capsys):
   bad = tmp_path / "bad.yaml"
   bad.write_text("model: [unclosed\n")
-  with pytest.raises(ConfigError, match="not valid YAML"):
+  with pytest.raises(ConfigError, match="bad.yaml:2:1: not valid YAML"):
     config.load(bad)
+  bad.write_text("model:\n  d_model: 64\n   num_heads: 4\n")
+  assert cli.main(["params", str(bad)]) == 2
+  assert capsys.readouterr().err == (f"error: config: {bad.resolve()}:3:13: not valid YAML "
+                                     "(mapping values are not allowed here)\n")
+
+
+def test_a_config_that_is_no_text_file_is_one_line(tmp_path):
+  (tmp_path / "adir.yaml").mkdir()
+  with pytest.raises(ConfigError, match=r"^config: cannot read .*adir\.yaml \(Is a directory\)$"):
+    config.load(tmp_path / "adir.yaml")
+  (tmp_path / "bin.yaml").write_bytes(b"model: \xff\xfe\x00\x81")
+  with pytest.raises(ConfigError, match=r"^config: .*bin\.yaml is not a text file$"):
+    config.load(tmp_path / "bin.yaml")
+
+
+def test_architecture_compares_resolved_values():
+  """Equivalent spellings of one model (as an import from transformers writes it, and as its
+  preset does) are one architecture; a real difference is not."""
+  arch = lambda *overrides: config.architecture(config.load("llama3", [
+      "model.d_model=64", "model.num_heads=4", "model.num_kv_heads=2", "model.num_layers=3",
+      *overrides]).model)
+  assert arch("model.head_dim=16") == arch() != arch("model.head_dim=32")
+  assert arch("model.query_scale_dim=16") == arch() != arch("model.query_scale_dim=8")
+  assert arch("model.layer_pattern=CAC") == arch("model.layer_pattern=CA")
+  assert arch("model.layer_pattern=CAC") != arch("model.layer_pattern=CCA")
+  assert arch("model.sliding_window=8") == arch()  # no sliding-window layers
+  local = ("model.layer_pattern=LA", "model.sliding_window=8")
+  assert arch(*local, "model.rope_local_theta=10000") == arch(*local)  # 0: rope_theta
+  assert arch(*local, "model.sliding_window=4") != arch(*local)
+  assert arch("model.dtype=bfloat16", "model.attention_impl=xla") == arch()
 
 
 def test_cli_overrides_may_follow_options_and_counts_are_checked():

@@ -79,13 +79,22 @@ def test_import_of_export_is_bit_identical(exported):
     assert a.dtype == b.dtype and np.array_equal(np.asarray(a), b)
 
 
-def test_untied_head_exports_lm_head(tmp_path):
-  cfg = tiny_config("llama3", "model.tie_embeddings=false")
+@pytest.mark.parametrize("family", ["llama3", "gpt2"])
+def test_untied_head_exports_lm_head(tmp_path, family):
+  """The stock class reads an untied lm_head.weight (GPT-2 once fell back to custom code)."""
+  cfg = tiny_config(family, "model.tie_embeddings=false")
   params = random_params(cfg)
-  model = load_torch_model(export_hf(cfg, params, tmp_path))
+  out = export_hf(cfg, params, tmp_path)
+  assert json.loads((out / "config.json").read_text())["tie_word_embeddings"] is False
+  model = load_torch_model(out)
+  assert type(model).__name__ == ARCHITECTURES[family]
   tokens = np.random.default_rng(5).integers(0, cfg.vocab_size, (1, 9))
   np.testing.assert_allclose(np.asarray(forward(cfg, params, tokens)[0]),
                              torch_logits(model, tokens), atol=TOL, rtol=0)
+  cfg_back, params_back = import_hf(out)
+  assert cfg_back == cfg
+  for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(params_back), strict=True):
+    assert np.array_equal(np.asarray(a), b)
 
 
 def test_gemma_softcap_and_query_scale_export(tmp_path):

@@ -9,6 +9,7 @@ bit-identical. Files are written and read by `dhara_jax.export.io`.
 from __future__ import annotations
 
 import dataclasses
+import re
 from typing import Any, Callable
 
 import jax
@@ -17,6 +18,7 @@ from flax import traverse_util
 
 from dhara_jax.config import ModelConfig, compact_pattern
 from dhara_jax.errors import DharaError
+from dhara_jax.model import param_shapes
 
 Arrays = dict[str, np.ndarray]
 
@@ -83,6 +85,9 @@ class FamilySpec:
   extra_config: Callable[[ModelConfig], dict]
   config_from_hf: Callable[[dict], dict]
   entries: Callable[[ModelConfig], list[Entry]]
+  # Tensors some checkpoints of this class hold that are not parameters (buffers derived from
+  # the config); import skips them by name. Any other tensor no entry maps is an error.
+  buffers: tuple[str, ...] = ()
 
 
 LLAMA_RENAMES = (
@@ -269,16 +274,19 @@ FAMILY_SPECS: dict[str, FamilySpec] = {
         "GPT2LMHeadModel", "gpt2",
         requires={"norm": "layernorm", "position": "learned", "mlp": "gelu", "use_bias": True,
                   "qk_norm": False, "sandwich_norm": False, "layer_pattern": "A",
-                  "tie_embeddings": True, "embed_scale": False, "final_logit_softcap": 0.0,
+                  "embed_scale": False, "final_logit_softcap": 0.0,
                   "num_experts": 0, "attention": "causal", "query_scale_dim": 0},
+        # GPT2LMHeadModel reads an untied lm_head.weight when tie_word_embeddings is false.
         renames=(("vocab_size", "vocab_size"), ("d_model", "n_embd"), ("num_layers", "n_layer"),
                  ("num_heads", "n_head"), ("mlp_dim", "n_inner"), ("max_seq_len", "n_positions"),
-                 ("norm_eps", "layer_norm_epsilon"), ("init_std", "initializer_range")),
+                 ("norm_eps", "layer_norm_epsilon"), ("tie_embeddings", "tie_word_embeddings"),
+                 ("init_std", "initializer_range")),
         extra_config=lambda cfg: {"activation_function": "gelu_new", "resid_pdrop": 0.0,
-                                  "embd_pdrop": 0.0, "attn_pdrop": 0.0,
-                                  "tie_word_embeddings": True},
+                                  "embd_pdrop": 0.0, "attn_pdrop": 0.0},
         config_from_hf=lambda hf: {"num_kv_heads": hf["n_head"]},
-        entries=_gpt2_entries),
+        entries=_gpt2_entries,
+        # The causal-mask buffers older transformers versions saved in every layer.
+        buffers=(r"transformer\.h\.\d+\.attn\.(bias|masked_bias)",)),
     "llama3": FamilySpec(
         "LlamaForCausalLM", "llama",
         requires={**ROPE_LLAMA_LIKE, "mlp": "swiglu", "qk_norm": False, "layer_pattern": "A",
@@ -288,7 +296,9 @@ FAMILY_SPECS: dict[str, FamilySpec] = {
                                                      "mlp_bias": cfg.use_bias}),
         config_from_hf=lambda hf: {**_rope_from_hf(hf),
                                    "use_bias": hf.get("attention_bias", False)},
-        entries=_llama_like_entries),
+        entries=_llama_like_entries,
+        # Old LLaMA checkpoints saved each layer's RoPE frequencies, which rope_theta sets.
+        buffers=(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq",)),
     "qwen3": FamilySpec(
         "Qwen3ForCausalLM", "qwen3",
         requires={**ROPE_LLAMA_LIKE, "mlp": "swiglu", "qk_norm": True, "layer_pattern": "A",
@@ -403,12 +413,9 @@ def apply_forward(entries: list[Entry], params: Any) -> Arrays:
 
 
 def apply_inverse(entries: list[Entry], tensors: Arrays) -> dict:
-  """transformers tensors -> dhara-jax params (nested dict), undoing every entry exactly."""
+  """transformers tensors (as `check_checkpoint` accepted them) -> dhara-jax params (nested
+  dict), undoing every entry exactly."""
   flat = {}
-  missing = [e.hf for e in entries if e.hf not in tensors]
-  if missing:
-    raise DharaError(f"import: checkpoint lacks {missing[0]} (and {len(missing) - 1} more)"
-                     if len(missing) > 1 else f"import: checkpoint lacks {missing[0]}")
   slices: dict[str, dict[int, np.ndarray]] = {}
   for e in entries:
     for path, part in zip(e.paths, e.from_hf(tensors[e.hf])):
@@ -419,3 +426,65 @@ def apply_inverse(entries: list[Entry], tensors: Arrays) -> dict:
   for path, by_index in slices.items():
     flat[path] = np.stack([by_index[i] for i in sorted(by_index)])
   return traverse_util.unflatten_dict(flat, sep="/")
+
+
+# ---------------------------------------------------------------------------------------------
+# Checking a checkpoint before it is imported.
+
+# Weights may be stored as these (safetensors' names): each converts to float32, the parameters'
+# dtype, exactly. Integer and bool tensors are not weights; F64 would lose bits unannounced.
+WEIGHT_DTYPES = ("F32", "BF16", "F16")
+# Some tools write a tied head's weight too, a copy of the embedding (checked equal on reading).
+TIED_HEAD = "lm_head.weight"
+
+
+def expected_shapes(cfg: ModelConfig, entries: list[Entry]) -> dict[str, tuple[int, ...]]:
+  """The shape of every transformers tensor `entries` make from `cfg`'s parameters."""
+  shapes = traverse_util.flatten_dict(param_shapes(cfg), sep="/")
+  out = {}
+  for e in entries:
+    # Zero-stride stand-ins hold no memory; only a fused entry allocates (bools, 1 byte each).
+    stand_ins = [np.broadcast_to(np.False_, shapes[p].shape) for p in e.paths]
+    out[e.hf] = tuple(e.to_hf(*stand_ins).shape)
+  return out
+
+
+def embedding_name(entries: list[Entry]) -> str:
+  return next(e.hf for e in entries if e.paths == ("embed/embedding",))
+
+
+def check_checkpoint(cfg: ModelConfig, entries: list[Entry],
+                     header: dict[str, tuple[str, tuple[int, ...]]], buffers: tuple[str, ...],
+                     where: str) -> list[str]:
+  """Refuses, in one line naming the tensor, a checkpoint (`header`: name -> (safetensors
+  dtype, shape)) that lacks a tensor `entries` need, holds one they do not map (other than the
+  family's known `buffers`), or holds one of a dtype or shape `cfg` does not give. Returns the
+  names of the tensors to read."""
+  expected = expected_shapes(cfg, entries)
+  if cfg.tie_embeddings and TIED_HEAD in header:
+    expected[TIED_HEAD] = expected[embedding_name(entries)]
+  missing = [name for name in expected if name not in header]
+  if missing:
+    raise DharaError(f"import: {where} lacks tensor {missing[0]}{_more(missing)}")
+  unclaimed = sorted(name for name in header if name not in expected
+                     and not any(re.fullmatch(b, name) for b in buffers))
+  if unclaimed:
+    raise DharaError(f"import: {where} holds tensor {unclaimed[0]}{_more(unclaimed)}, which is "
+                     "no parameter of the model its config.json describes")
+  for name, shape in expected.items():
+    dtype, have = header[name]
+    if dtype not in WEIGHT_DTYPES:
+      raise DharaError(f"import: {where}: tensor {name} is {dtype}, not a weight dtype "
+                       f"({', '.join(WEIGHT_DTYPES)})")
+    if tuple(have) != shape:
+      raise DharaError(f"import: {where}: tensor {name} has shape {_dims(have)}; config.json "
+                       f"makes it {_dims(shape)}")
+  return list(expected)
+
+
+def _more(names: list[str]) -> str:
+  return f" (and {len(names) - 1} more)" if len(names) > 1 else ""
+
+
+def _dims(shape: tuple[int, ...]) -> str:
+  return "×".join(map(str, shape)) if shape else "a scalar"

@@ -8,8 +8,9 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from safetensors import SafetensorError
-from safetensors.numpy import load_file, save_file
+import numpy as np
+from safetensors import SafetensorError, safe_open
+from safetensors.numpy import save_file
 
 from dhara_jax.config import ModelConfig
 from dhara_jax.errors import DharaError
@@ -58,7 +59,9 @@ def export_hf(cfg: ModelConfig, params: Any, out_dir: str | Path, code: str = "a
 
 
 def import_hf(hf_dir: str | Path) -> tuple[ModelConfig, dict]:
-  """Reads a directory written by `export_hf` (or a compatible transformers checkpoint)."""
+  """Reads a directory written by `export_hf` (or a compatible transformers checkpoint). Every
+  tensor is checked against config.json before any is used: callers write nothing for a
+  directory that does not describe one model exactly."""
   hf_dir = Path(hf_dir)
   config_path, weights_path = hf_dir / "config.json", hf_dir / "model.safetensors"
   for path in (config_path, weights_path):
@@ -68,14 +71,37 @@ def import_hf(hf_dir: str | Path) -> tuple[ModelConfig, dict]:
     config = json.loads(config_path.read_text())
   except json.JSONDecodeError as e:
     raise DharaError(f"import: {config_path} is not valid JSON ({e.msg})") from None
-  if config.get("model_type") == "dhara":
-    cfg = custom.config_from_json(config)
-    entries = custom.entries(cfg)
-  else:
-    cfg = hf.config_from_hf(config)
-    entries = hf.family_spec(cfg).entries(cfg)
+  custom_code = config.get("model_type") == "dhara"
   try:
-    tensors = load_file(str(weights_path))
-  except (SafetensorError, OSError) as e:
-    raise DharaError(f"import: {weights_path} is not a readable safetensors file ({e})") from None
+    cfg = custom.config_from_json(config) if custom_code else hf.config_from_hf(config)
+  except KeyError as e:  # a key the family's mapping reads (other transformers versions differ)
+    raise DharaError(f"import: {config_path} has no {e.args[0]!r}") from None
+  if custom_code:
+    entries, buffers = custom.entries(cfg), ()
+  else:
+    spec = hf.family_spec(cfg)
+    entries, buffers = spec.entries(cfg), spec.buffers
+  tensors = _read_weights(weights_path, cfg, entries, buffers)
   return cfg, hf.apply_inverse(entries, tensors)
+
+
+def _read_weights(path: Path, cfg: ModelConfig, entries: list[hf.Entry],
+                  buffers: tuple[str, ...]) -> hf.Arrays:
+  """The tensors `entries` map, as float32, once the file's header (names, dtypes, shapes)
+  has passed `hf.check_checkpoint`: a file that does not fit is refused before it is read."""
+  try:
+    with safe_open(str(path), framework="numpy") as f:
+      header = {}
+      for name in f.keys():
+        view = f.get_slice(name)
+        header[name] = (view.get_dtype(), tuple(view.get_shape()))
+      names = hf.check_checkpoint(cfg, entries, header, buffers, str(path))
+      tensors = {name: f.get_tensor(name).astype(np.float32, copy=False) for name in names}
+  except (SafetensorError, OSError) as e:
+    raise DharaError(f"import: {path} is not a readable safetensors file ({e})") from None
+  if cfg.tie_embeddings and hf.TIED_HEAD in tensors:  # a tied head written out as well
+    embedding = hf.embedding_name(entries)
+    if not np.array_equal(tensors.pop(hf.TIED_HEAD), tensors[embedding]):
+      raise DharaError(f"import: {path}: tensor {hf.TIED_HEAD} differs from {embedding}, but "
+                       "config.json ties them (tie_word_embeddings is not false)")
+  return tensors
