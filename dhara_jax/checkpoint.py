@@ -3,17 +3,24 @@
 Layout: RUN_DIR/checkpoints/<step>/{state, data, config, tokenizer} (or `train.checkpoint_dir`,
 which may be a bucket). The state is saved
 asynchronously where the manager allows it; a step directory appears only once complete, so a
-run killed mid-save resumes from the previous checkpoint.
+run killed mid-save resumes from the previous checkpoint. A save that fails (a full disk, a
+bucket that refuses writes) is one line naming the step, with its partial directory removed
+and the earlier steps untouched; an async save's failure surfaces at the next save or wait.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import errno
 import functools
 import logging
 import os
+import re
 import socket
 import sys
+import threading
+import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -81,11 +88,16 @@ def checkpoint_directory(run_dir: Path, directory: str = "") -> epath.Path:
 
 
 class Checkpointer:
-  def __init__(self, run_dir: Path, keep: int, async_save: bool = True, directory: str = ""):
+  def __init__(self, run_dir: Path, keep: int, async_save: bool = True, directory: str = "",
+               create: bool = True):
+    """`create=False` for readers (export): they leave no empty checkpoint dir behind."""
     self.directory = checkpoint_directory(run_dir, directory)
-    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
+    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=create,
                                            enable_async_checkpointing=async_save)
+    _quiet_failed_saves()
+    _silence_abandoned_reads()  # a failed save abandons tensorstore's other writes the same way
     self.manager = ocp.CheckpointManager(self.directory, options=options)
+    self._pending: int | None = None  # the step whose (async) save may still be writing
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
@@ -97,7 +109,12 @@ class Checkpointer:
       items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
     if tokenizer is not None:
       items["tokenizer"] = FileSave(Path(tokenizer).name, Path(tokenizer).read_bytes())
-    self.manager.save(step, args=ocp.args.Composite(**items), force=True)
+    self.wait()  # the manager would wait too, but blame a failure on this step, not the pending
+    try:
+      self.manager.save(step, args=ocp.args.Composite(**items), force=True)
+    except Exception as e:  # orbax, tensorstore and file errors alike
+      raise self._save_failed(step, e) from None
+    self._pending = step
 
   def saved_config(self, step: int) -> dict:
     return self._restore(step, config=ocp.args.JsonRestore())["config"]
@@ -133,19 +150,116 @@ class Checkpointer:
         raise DharaError(f"checkpoint: {step_dir} holds a train state with other entries "
                          f"({', '.join(differing[:3])}): it was written by another version of "
                          "dhara-jax") from None
-      raise DharaError(f"checkpoint: {step_dir} is unreadable ({_root_cause(e)}); move it "
-                       "aside to use an earlier checkpoint") from None
+      earlier = [s for s in self.manager.all_steps() if s < step]
+      advice = (f"move it aside to use an earlier checkpoint (step {max(earlier)})" if earlier
+                else f"there is no earlier checkpoint in {self.directory} to use instead")
+      raise DharaError(f"checkpoint: {step_dir} is unreadable ({_root_cause(e)}); "
+                       f"{advice}") from None
 
   def wait(self) -> None:
-    self.manager.wait_until_finished()
+    """Waits for the pending async save; its failure is one line naming its step."""
+    self._finish(self.manager.wait_until_finished)
 
   def close(self) -> None:
-    self.manager.close()
+    self._finish(self.manager.close)  # close waits for the pending save too
+
+  def _finish(self, call: Any) -> None:
+    step, self._pending = self._pending, None  # reported once, as the manager raises it once
+    try:
+      call()
+    except Exception as e:
+      raise self._save_failed(step, e) from None
+
+  def _save_failed(self, step: int | None, error: Exception) -> DharaError:
+    """The one-line report of a failed save of `step`, after removing what it left."""
+    if step is not None:
+      _join_writer_threads()
+      _remove_partial_step(self.directory, step)
+    try:
+      saved = max(ocp.path.step.checkpoint_steps(self.directory), default=None)
+      kept = f"steps ≤ {saved} are saved" if saved is not None else "no step is saved"
+    except Exception:  # the listing fails the same way (a bucket refusing reads too)
+      kept = "earlier steps are untouched"
+    what = "a checkpoint" if step is None else f"step {step}"
+    if _no_space(error):
+      return DharaError(f"checkpoint: no space left on {_device_of(self.directory)} writing "
+                        f"{what}; {kept}; free space and run the same command")
+    return DharaError(f"checkpoint: cannot write {what} to {self.directory} "
+                      f"({_root_cause(error)}); {kept}; fix that and run the same command")
 
 
-def _root_cause(error: Exception) -> str:
-  """The first and last links of a tensorstore-style 'A: B: ...: cause [spec]' message."""
-  lines = str(error).split(" [tensorstore_spec")[0].strip().splitlines()
+def _join_writer_threads(timeout: float = 30.0) -> None:
+  """Waits (up to `timeout` s in all) for orbax's writer threads: a save stops waiting at its
+  first failed write while its other writes go on, and those would re-create the partial step
+  directory after it was removed (or at exit, which waits for them)."""
+  deadline = time.monotonic() + timeout
+  for thread in threading.enumerate():
+    if thread is not threading.current_thread() and type(thread).__module__.startswith("orbax"):
+      thread.join(max(0.0, deadline - time.monotonic()))
+
+
+def _remove_partial_step(directory: epath.Path, step: int) -> None:
+  """Removes the unfinished directory of `step` only: `<step>.orbax-checkpoint-tmp*` where
+  orbax renames when done, or `<step>` without its commit marker (buckets). Best effort: the
+  error that stopped the save may stop this too."""
+  partial = re.compile(rf"{step}{re.escape(ocp.path.step.TMP_DIR_SUFFIX)}.*")
+  try:
+    entries = list(directory.iterdir())
+  except Exception:
+    return
+  for entry in entries:
+    if partial.fullmatch(entry.name) or (entry.name == str(step) and
+                                         not ocp.path.step.is_path_finalized(entry)):
+      try:
+        entry.rmtree()
+      except Exception:
+        pass
+
+
+def _causes(error: BaseException | None) -> list[BaseException]:
+  """`error` and what caused it, outermost first (explicit causes, else the context)."""
+  chain: list[BaseException] = []
+  while error is not None and error not in chain:
+    chain.append(error)
+    error = error.__cause__ or error.__context__
+  return chain
+
+
+def _no_space(error: Exception) -> bool:
+  """Whether a full disk stopped the save: an OSError from Python, tensorstore's status text."""
+  return any((isinstance(e, OSError) and e.errno == errno.ENOSPC)
+             or "No space left on device" in str(e) for e in _causes(error))
+
+
+def _device_of(directory: epath.Path) -> str:
+  """The mount point holding `directory` (its nearest existing ancestor's file system, found by
+  walking up while st_dev stays the same), or a bucket path's bucket."""
+  text = str(directory)
+  if "://" in text:
+    scheme, rest = text.split("://", 1)
+    return f"{scheme}://{rest.split('/')[0]}"
+  path = Path(text)
+  try:
+    while not path.exists() and path != path.parent:
+      path = path.parent
+    device = path.stat().st_dev
+    while path != path.parent and path.parent.stat().st_dev == device:
+      path = path.parent
+  except OSError:
+    pass
+  return str(path)
+
+
+def _root_cause(error: BaseException) -> str:
+  """The innermost explicit cause of `error`, as its OSError reason or the first and last links
+  of a tensorstore-style 'A: B: ...: cause [spec]' message. Innermost: orbax wraps failed reads
+  in an Exception whose text quotes a bound method's repr instead of the store's spec."""
+  while error.__cause__ is not None:
+    error = error.__cause__
+  if isinstance(error, OSError) and error.strerror:
+    return error.strerror
+  text = str(error).split(" [tensorstore_spec")[0]
+  lines = re.sub(r" \[os_error_code=[^\]]*\]", "", text).strip().splitlines()
   if not lines:
     return type(error).__name__
   links = lines[0].split(": ")
@@ -164,16 +278,42 @@ def _differing_entries(error: Exception) -> list[str]:
 def _silence_abandoned_reads() -> None:
   """After a failed restore, orbax has closed its event loop while tensorstore still finishes
   the other reads; each then reports 'Event loop is closed' as an unraisable exception, and
-  their failed futures are logged as never retrieved when collected: a screenful of tracebacks
-  under our one-line error. Drop exactly those. Installed before the first restore, since the
-  first abandoned read can complete before the restore's exception reaches us."""
+  their failed futures are logged as never retrieved when collected, and each orbax read (or
+  write, after a failed save) coroutine never resumed raises when closed at collection (orbax
+  turns GeneratorExit into an Exception; at exit, imports fail): a screenful of tracebacks
+  under our one-line error. Drop exactly those. Installed before the first restore or save,
+  since the first abandoned read can complete before the restore's exception reaches us."""
   logging.getLogger("asyncio").addFilter(
       lambda record: "exception was never retrieved" not in record.getMessage())
   previous = sys.unraisablehook
 
   def hook(unraisable):
-    if not (isinstance(unraisable.exc_value, RuntimeError)
-            and str(unraisable.exc_value) == "Event loop is closed"):
+    error, code = unraisable.exc_value, getattr(unraisable.object, "cr_code", None)
+    if not ((isinstance(error, RuntimeError) and str(error) == "Event loop is closed")
+            or (code is not None and f"{os.sep}orbax{os.sep}" in code.co_filename)):
       previous(unraisable)
 
   sys.unraisablehook = hook
+
+
+# Where orbax logs a failed save's traceback before storing the exception for the caller (our
+# save or wait), which reports it in one line: (module, function).
+_SAVE_ERROR_LOG_SITES = {("future", "run"), ("async_checkpointer", "_thread_func"),
+                         ("checkpoint_manager", "wait_until_finished"),
+                         ("checkpoint_manager", "_finalize_checkpoint"),
+                         ("checkpoint", "_write_and_log"), ("checkpoint", "_update_and_log")}
+
+
+@functools.cache  # once per process, like _silence_abandoned_reads
+def _quiet_failed_saves() -> None:
+  """Drops orbax's logged tracebacks of a failed save (four or more per failure, hundreds of
+  lines): the exception itself reaches Checkpointer.save/wait, which reports it in one line.
+  Also the warnings at exit about the other items' writes, which a save that failed while it
+  blocked (a file item) had created but never started."""
+  def keep(record: logging.LogRecord) -> bool:
+    return not (record.exc_info and "orbax" in record.pathname
+                and (record.module, record.funcName) in _SAVE_ERROR_LOG_SITES)
+
+  logging.getLogger("absl").addFilter(keep)
+  warnings.filterwarnings("ignore", r"coroutine '\w*CheckpointHandler\.async_save' was never "
+                          "awaited", RuntimeWarning)

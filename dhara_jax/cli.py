@@ -209,6 +209,10 @@ def main(argv: list[str] | None = None) -> int:
   except BrokenPipeError:  # e.g. `dhara params ... | head`: the reader left, nothing to report
     os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     return 0
+  except OSError as e:  # the machine's, not the input's: a full disk, a vanished mount
+    where = f" ({e.filename})" if e.filename else ""
+    print(f"error: {e.strerror or e}{where}", file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":

@@ -31,10 +31,14 @@ def load_run_config(run_dir: Path) -> Config:
 def restore_params(run_dir: Path, step: int | None = None) -> tuple[Config, Any, int]:
   """The run's config and the parameters of checkpoint `step` (default: latest), on one device."""
   cfg = dataclasses.replace(load_run_config(run_dir), mesh=SINGLE_DEVICE)
-  checkpoints = Checkpointer(run_dir, keep=1_000_000, async_save=False)
-  step = checkpoints.latest_step() if step is None else step
-  if step is None:
+  # Where the run saved them (train.checkpoint_dir, if set); reading makes no directory.
+  checkpoints = Checkpointer(run_dir, keep=1_000_000, async_save=False,
+                             directory=cfg.train.checkpoint_dir, create=False)
+  latest = checkpoints.latest_step()
+  if latest is None:
+    checkpoints.close()
     raise DharaError(f"run: {run_dir} has no checkpoint yet")
+  step = latest if step is None else step
   mesh = make_mesh(cfg.mesh, jax.devices()[:1])
   tx, shardings = build(cfg, mesh)
   try:
@@ -58,7 +62,8 @@ def import_into_run(hf_dir: Path, run_dir: Path, base: Config | None = None) -> 
   cfg = dataclasses.replace(base, model=model, mesh=SINGLE_DEVICE)
   cfg.check_rows_fit_model()  # before anything is written: `dhara train` would refuse it
   run_dir = prepare_run_dir(run_dir)
-  checkpoints = Checkpointer(run_dir, keep=cfg.train.keep_checkpoints, async_save=False)
+  checkpoints = Checkpointer(run_dir, keep=cfg.train.keep_checkpoints, async_save=False,
+                             directory=cfg.train.checkpoint_dir)  # where `dhara train` looks
   if checkpoints.latest_step() is not None:
     raise DharaError(f"import: {run_dir} already holds checkpoints; use an empty --run-dir")
   mesh = make_mesh(cfg.mesh, jax.devices()[:1])
