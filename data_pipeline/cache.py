@@ -121,6 +121,10 @@ def prepare(cfg: DataConfig, tokenizer: Tokenizer, progress: bool = True,
         shards.append({"file": f"{k:05d}", **meta})
     totals = {key: sum(m[key] for m in shards) for key in
               ("docs", "tokens", "empty", "invalid_utf8", "chars")}
+    if not totals["tokens"]:  # training on it would wait forever for a token
+      raise DharaError(f"data.sources[{i}] ({s.name}): all {totals['docs']} of its documents "
+                       "are empty (no tokens); no cache manifest written — fix its path or "
+                       "remove it")
     manifest["sources"][s.name] = {**totals, "shards": shards}
     log(f"{s.name:12s} {totals['docs']:8,d} docs {totals['tokens']:12,d} tokens  "
         f"empty skipped {totals['empty']}  invalid UTF-8 replaced {totals['invalid_utf8']}  "

@@ -63,6 +63,8 @@ class DataConfig:
   read_threads: int = 4  # grain threads reading + tokenizing documents
   prefetch: int = 64  # documents read ahead per source
   parquet_cache_row_groups: int = 16  # decoded row groups kept per Parquet source
+  # Longest the training loop waits for one batch before calling the pipeline stuck.
+  wait_timeout_s: float = 600.0
 
   def __post_init__(self) -> None:
     _validate(self)
@@ -152,12 +154,14 @@ def _validate(c: DataConfig) -> None:
   if sum(s.weight for s in c.sources) <= 0:
     fail("sources", "all weights are zero; at least one source needs a positive weight")
   for field in ("seq_len", "batch_size", "tokenizer_vocab_size", "tokenizer_sample_chars",
-                "read_threads", "prefetch", "parquet_cache_row_groups"):
+                "read_threads", "prefetch", "parquet_cache_row_groups", "wait_timeout_s"):
     if getattr(c, field) <= 0:
       fail(field, f"must be positive, got {getattr(c, field)}")
   for field in ("seed", "num_epochs"):
     if getattr(c, field) < 0:
       fail(field, f"must be >= 0, got {getattr(c, field)}")
+  if not math.isfinite(c.wait_timeout_s):  # every wait is bounded
+    fail("wait_timeout_s", f"must be a finite number of seconds, got {c.wait_timeout_s}")
   if not 0 <= c.eval_fraction < 0.5:
     fail("eval_fraction", f"must be in [0, 0.5), got {c.eval_fraction}")
   if c.seed >= 2**32:

@@ -64,14 +64,23 @@ def source_documents(cfg: DataConfig, tokenizer: Tokenizer,
 
 
 def source_rows(docs: grain.MapDataset, cfg: DataConfig, index: int, eos_id: int,
-                process_index: int = 0, process_count: int = 1) -> grain.IterDataset:
+                process_index: int = 0, process_count: int = 1,
+                split: str = "train") -> grain.IterDataset:
   """Packed rows of this process's share of one source."""
   n = len(docs)
   start, stop = n * process_index // process_count, n * (process_index + 1) // process_count
   if start == stop:
     raise DharaError(f"data.sources[{index}]: {n} documents cannot be split over "
                      f"{process_count} processes")
-  ds = docs[start:stop].shuffle(seed=_source_seed(cfg.seed, index))
+  share = docs[start:stop]
+  if not any(len(share[i]) for i in range(len(share))):
+    # Packing would skip documents forever, waiting for a token that never comes.
+    whose = (f"process {process_index} of {process_count}'s share ({stop - start} of {n}) of "
+             if process_count > 1 else f"all {n} of ")
+    raise DharaError(f"data.sources[{index}] ({cfg.sources[index].name}): {whose}its "
+                     f"{'held-out' if split == 'eval' else 'training'} documents are empty (no "
+                     "tokens); fix its path or give it weight 0")
+  ds = share.shuffle(seed=_source_seed(cfg.seed, index))
   ds = ds.repeat(cfg.num_epochs or None).filter(_nonempty)
   ds = ds.map(functools.partial(with_eos, eos_id=eos_id))
   read = grain.ReadOptions(num_threads=cfg.read_threads, prefetch_buffer_size=cfg.prefetch)
@@ -89,7 +98,7 @@ def host_dataset(cfg: DataConfig, tokenizer: Tokenizer, process_index: int = 0,
   if split == "eval" and not cfg.eval_fraction:
     raise ConfigError("data.eval_fraction: 0 leaves no held-out documents to evaluate on")
   docs = source_documents(cfg, tokenizer, split)
-  streams = {i: source_rows(d, cfg, i, tokenizer.eos_id, process_index, process_count)
+  streams = {i: source_rows(d, cfg, i, tokenizer.eos_id, process_index, process_count, split)
              for i, d in docs.items()}
   ds = mix(streams, {i: cfg.sources[i].weight for i in streams})
   ds = ds.batch(cfg.batch_size // process_count, drop_remainder=True)

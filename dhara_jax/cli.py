@@ -202,6 +202,10 @@ def main(argv: list[str] | None = None) -> int:
     return args.func(args)
   except DharaError as e:
     print(f"error: {e}", file=sys.stderr)
+    if getattr(e, "stuck", False):  # a stuck data reader thread would keep the process alive
+      sys.stdout.flush()
+      sys.stderr.flush()
+      os._exit(2)
     return 2
   except KeyboardInterrupt:
     print("error: interrupted", file=sys.stderr)

@@ -10,11 +10,10 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import fcntl
+import functools
 import math
 import os
 import shutil
-import signal
-import threading
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -31,6 +30,7 @@ from dhara_jax.metrics import MetricsWriter, mfu
 from dhara_jax.model import kernel_choices
 from dhara_jax.params import count_params
 from dhara_jax.sharding import make_mesh
+from dhara_jax.stopping import DataStop, SavedPosition, StopSignals, next_batch
 from dhara_jax.train import (abstract_state, build, init_state, make_eval_step,
                              make_train_step)
 
@@ -77,10 +77,11 @@ def architecture_diff(saved_model: dict, model: dict) -> list[str]:
                     for k, v in current.items() if saved.get(k) != v]
 
 
-def evaluate(eval_step: Callable, params: Any, batches: Iterator[dict], count: int) -> float:
+def evaluate(eval_step: Callable, params: Any, batches: Iterator[dict], count: int,
+             fetch: Callable[[Iterator[dict]], dict] = next) -> float:
   total, tokens = 0.0, 0.0
   for _ in range(count):
-    out = eval_step(params, model_inputs(next(batches)))
+    out = eval_step(params, model_inputs(fetch(batches)))
     total += float(out["loss_sum"])
     tokens += float(out["tokens"])
   return total / max(tokens, 1.0)
@@ -165,10 +166,12 @@ def run(cfg: Config, run_dir: Path, data: Callable[[Config, Mesh], Data] = pipel
           shutil.copyfile(data.tokenizer_path, run_dir / data.tokenizer_path.name)
     metrics = MetricsWriter(run_dir, resume_step=latest)
     cleanup.callback(metrics.close)
-    stop_requested = cleanup.enter_context(stop_on_sigterm())
+    # Single-process runs only: the hosts of a multi-host run could see a signal at different
+    # steps, so they keep the default (stop at once; resume from the last periodic checkpoint).
+    signals = cleanup.enter_context(StopSignals(enabled=jax.process_count() == 1))
     return _loop(cfg, mesh, tx, shardings, state, data, checkpoints, metrics, resolved,
                  start=latest or 0, last=min(cfg.train.steps, stop_at or cfg.train.steps),
-                 last_good=latest, progress=progress, stop_requested=stop_requested)
+                 last_good=latest, progress=progress, signals=signals)
 
 
 @contextlib.contextmanager
@@ -184,67 +187,90 @@ def _removed_if_left_empty(directories: list[Path]) -> Iterator[None]:
     raise
 
 
-@contextlib.contextmanager
-def stop_on_sigterm() -> Iterator[Callable[[], bool]]:
-  """SIGTERM (a preemption notice, a scheduler's kill) asks the loop to checkpoint the step it
-  is on and stop, instead of dying mid-step and losing the steps since the last checkpoint.
-  Single-process runs only: the hosts of a multi-host run could see it at different steps,
-  so they keep the default (stop at once; resume from the last periodic checkpoint)."""
-  if jax.process_count() > 1 or threading.current_thread() is not threading.main_thread():
-    yield lambda: False
-    return
-  requested = threading.Event()
-  previous = signal.signal(signal.SIGTERM, lambda *_: requested.set())
-  try:
-    yield requested.is_set
-  finally:
-    signal.signal(signal.SIGTERM, previous)
-
-
 def _loop(cfg: Config, mesh: Mesh, tx: Any, shardings: Any, state: Any, data: Data,
           checkpoints: Checkpointer, metrics: MetricsWriter, resolved: dict, *, start: int,
-          last: int, last_good: int | None, progress: bool,
-          stop_requested: Callable[[], bool]) -> dict:
+          last: int, last_good: int | None, progress: bool, signals: StopSignals) -> dict:
   train_step = make_train_step(cfg, mesh, tx, shardings)
   eval_step = make_eval_step(cfg, mesh, shardings)
   flops_per_token = count_params(cfg.model, cfg.data.seq_len)["flops_per_token"]
-  held_out = lambda params: evaluate(eval_step, params, data.eval_batches(),
-                                     cfg.train.eval_batches)
+  epochs = f" (data.num_epochs={cfg.data.num_epochs})"
+  next_train = functools.partial(
+      next_batch, signals=signals, timeout_s=cfg.data.wait_timeout_s, what="training batch",
+      ran_out=f"the training data ran out before train.steps={cfg.train.steps}{epochs}")
+  next_held_out = functools.partial(
+      next_batch, signals=signals, timeout_s=cfg.data.wait_timeout_s, what="held-out batch",
+      ran_out=f"the held-out data ran out before train.eval_batches={cfg.train.eval_batches}"
+              f"{epochs}")
+
+  def held_out(params: Any) -> float:
+    try:
+      return evaluate(eval_step, params, data.eval_batches(), cfg.train.eval_batches,
+                      next_held_out)
+    except DataStop:
+      raise
+    except DharaError as e:  # opening the held-out stream again failed
+      raise DataStop(str(e)) from None
+
   evaluating = data.eval_batches is not None and cfg.train.eval_every > 0
   bar = _progress(progress, start, last)
-  loss = eval_loss = None
-  if start == 0 and evaluating:
-    eval_loss = held_out(state["params"])
-    metrics.write({"step": 0, "eval_loss": eval_loss})
-  for step in range(start + 1, last + 1):
-    started = time.perf_counter()
-    state, out = train_step(state, model_inputs(next(data.train)))
-    loss = float(out["loss"])  # also waits for the step: timings below are real
-    grad_norm, param_norm = float(out["grad_norm"]), float(out["param_norm"])
-    if not all(map(math.isfinite, (loss, grad_norm, param_norm))):
-      kept = (f"last good checkpoint is step {last_good} in {checkpoints.directory}"
-              if last_good is not None else "no checkpoint was written")
-      raise DharaError(f"train: non-finite values at step {step} (loss {loss}, grad norm "
-                       f"{grad_norm}, param norm {param_norm}); stopped, {kept}")
-    tokens_per_second = float(out["tokens"]) / (time.perf_counter() - started)
-    row = {"step": step, "loss": loss, "perplexity": math.exp(min(loss, 50.0)),
-           "lr": float(out["lr"]), "grad_norm": grad_norm, "param_norm": param_norm,
-           "tokens_per_second": tokens_per_second,
-           "mfu": mfu(flops_per_token, tokens_per_second)}
-    if evaluating and (step % cfg.train.eval_every == 0 or step == last):
-      eval_loss = row["eval_loss"] = held_out(state["params"])
-    metrics.write(row)
-    stopping = stop_requested()
-    if ((cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0) or step == last
-        or stopping):
-      checkpoints.save(step, state, data.train, resolved, data.tokenizer_path)
-      last_good = step
-    bar(step, loss)
-    if stopping and step < last:
-      raise DharaError(f"train: stopped by SIGTERM after step {step}, checkpoint saved in "
-                       f"{checkpoints.directory}; run the same command to resume")
+  loss = eval_loss = row = None
+  # The step `state` holds, and the stream position that goes with it: what a stop saves.
+  done, position = start, SavedPosition(data.train.get_state())
+  try:
+    if start == 0 and evaluating:
+      eval_loss = held_out(state["params"])
+      metrics.write({"step": 0, "eval_loss": eval_loss})
+    for step in range(start + 1, last + 1):
+      started = time.perf_counter()
+      state, out = train_step(state, model_inputs(next_train(data.train)))
+      loss = float(out["loss"])  # also waits for the step: timings below are real
+      grad_norm, param_norm = float(out["grad_norm"]), float(out["param_norm"])
+      if not all(map(math.isfinite, (loss, grad_norm, param_norm))):
+        kept = (f"last good checkpoint is step {last_good} in {checkpoints.directory}"
+                if last_good is not None else "no checkpoint was written")
+        raise DharaError(f"train: non-finite values at step {step} (loss {loss}, grad norm "
+                         f"{grad_norm}, param norm {param_norm}); stopped, {kept}")
+      done, position = step, SavedPosition(data.train.get_state())
+      tokens_per_second = float(out["tokens"]) / (time.perf_counter() - started)
+      row = {"step": step, "loss": loss, "perplexity": math.exp(min(loss, 50.0)),
+             "lr": float(out["lr"]), "grad_norm": grad_norm, "param_norm": param_norm,
+             "tokens_per_second": tokens_per_second,
+             "mfu": mfu(flops_per_token, tokens_per_second)}
+      if evaluating and (step % cfg.train.eval_every == 0 or step == last):
+        eval_loss = row["eval_loss"] = held_out(state["params"])
+      metrics.write(row)
+      row = None
+      stopping = signals.requested()
+      if ((cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0)
+          or step == last or stopping):
+        checkpoints.save(step, state, data.train, resolved, data.tokenizer_path)
+        last_good = step
+      bar(step, loss)
+      if stopping and step < last:
+        raise DharaError(_stopped(f"train: stopped by {signals.received}", step, last_good,
+                                  checkpoints.directory))
+  except DataStop as stop:
+    if row is not None:  # the step trained; only its evaluation failed
+      metrics.write(row)
+    if done > (last_good or 0) and jax.process_count() == 1:  # hosts cannot agree to save
+      checkpoints.save(done, state, position, resolved, data.tokenizer_path)
+      last_good = done
+    # A signal met while waiting for data reads as one met during a step.
+    why = f"train: stopped by {stop.signal}" if stop.signal else f"{stop}; stopped"
+    raise DataStop(_stopped(why, done, last_good, checkpoints.directory, mend=not stop.signal),
+                   stop.signal, stop.stuck) from None
   return {"steps": last, "start_step": start, "final_loss": loss, "eval_loss": eval_loss,
           "state": state}
+
+
+def _stopped(why: str, done: int, last_good: int | None, directory: Any,
+             mend: bool = False) -> str:
+  """The one line a run that stops early ends with: why, what is saved, how to go on."""
+  kept = ("checkpoint saved in" if last_good == done else
+          f"latest checkpoint is step {last_good} in" if last_good is not None else
+          "no checkpoint in")
+  return (f"{why} after step {done}, {kept} {directory}; "
+          f"{'mend that and ' if mend else ''}run the same command to resume")
 
 
 def _progress(enabled: bool, start: int, last: int) -> Callable[[int, float], None]:

@@ -1,0 +1,125 @@
+"""Stopping a run cleanly: stop signals, and waits for data that are bounded and interruptible.
+
+SIGTERM (a preemption notice, a scheduler's kill) and SIGINT (Ctrl-C) ask the loop to stop.
+During a step the request is noted and the loop checkpoints that step when it ends; while the
+loop waits for data (a pipeline that may be stuck) the wait ends at once. A second signal gets
+the default action (SIGTERM kills, SIGINT raises KeyboardInterrupt). A wait for data that sees no
+batch within its timeout ends too: every wait is bounded.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import signal
+import threading
+from typing import Any, Iterator
+
+from dhara_jax.errors import DharaError
+
+SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+class WaitEnded(BaseException):
+  """Ends a wait for data. A BaseException, like KeyboardInterrupt, so that no `except
+  Exception` inside the data pipeline can swallow it."""
+
+
+class DataStop(DharaError):
+  """The loop cannot have its next batch: the data failed, ran out or stalled, or a stop
+  signal came while it waited. `signal` names that signal, if one did; `stuck` says the wait
+  was cut short, so the pipeline's reader threads may never end (the CLI exits without
+  joining them)."""
+
+  def __init__(self, message: str, signal_name: str | None = None, stuck: bool = False):
+    super().__init__(message)
+    self.signal, self.stuck = signal_name, stuck
+
+
+class StopSignals:
+  """Installs the stop handlers for its lifetime (main thread of a single-process run only:
+  the hosts of a multi-host run could see a signal at different steps, so they keep the
+  default — stop at once, resume from the last periodic checkpoint)."""
+
+  def __init__(self, enabled: bool = True):
+    # Python runs signal handlers in the main thread only: elsewhere waits cannot be bounded.
+    self.main_thread = threading.current_thread() is threading.main_thread()
+    self.enabled = enabled and self.main_thread
+    self.received: str | None = None  # the name of the first stop signal
+    self._waiting = False
+    self._previous: dict[int, object] = {}
+
+  def __enter__(self) -> "StopSignals":
+    if self.enabled:
+      self._previous = {s: signal.signal(s, self._handle) for s in SIGNALS}
+    return self
+
+  def __exit__(self, *exc) -> None:
+    for signum, handler in self._previous.items():
+      signal.signal(signum, handler)
+    self._previous = {}
+
+  def requested(self) -> bool:
+    return self.received is not None
+
+  def _handle(self, signum: int, frame) -> None:
+    self.received = signal.Signals(signum).name
+    signal.signal(signum, self._previous[signum])  # a second signal is not ours to soften
+    if self._waiting:
+      raise WaitEnded(f"{self.received} came while waiting for data")
+
+  @contextlib.contextmanager
+  def waiting(self, timeout_s: float, what: str) -> Iterator[None]:
+    """A wait for `what` that a stop signal, or `timeout_s` seconds without an end, ends by
+    raising WaitEnded inside it."""
+    if self.received is not None:
+      raise WaitEnded(f"{self.received} came while waiting for data")
+    if not self.main_thread:
+      yield
+      return
+
+    def expire(signum, frame):
+      raise WaitEnded(f"no {what} came within data.wait_timeout_s={timeout_s:g} s; the data "
+                      "pipeline is stuck (a slow or hung file system, or a source that yields "
+                      "nothing)")
+
+    previous_alarm = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, timeout_s)
+    self._waiting = True
+    try:
+      yield
+    finally:
+      self._waiting = False
+      signal.setitimer(signal.ITIMER_REAL, 0)
+      signal.signal(signal.SIGALRM, previous_alarm)
+
+
+def next_batch(batches: Iterator[dict], signals: StopSignals, timeout_s: float, what: str,
+               ran_out: str) -> dict:
+  """The next batch of `batches`, waiting at most `timeout_s`; every way the data can fail
+  (a reader's error, the stream's end, a stall, a stop signal) is one DataStop."""
+  try:
+    with signals.waiting(timeout_s, what):
+      return next(batches)
+  except StopIteration:
+    raise DataStop(f"data: {ran_out}") from None
+  except WaitEnded as e:  # a stop signal's message names the signal, a stall's the data
+    raise DataStop(str(e) if signals.received else f"data: {e}", signals.received,
+                   stuck=True) from None
+  except DharaError as e:  # a source's own one-line report (a bad record, a missing file)
+    raise DataStop(str(e)) from None
+  except Exception as e:  # a reader's unexpected error (a file that vanished, a bucket client)
+    first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    raise DataStop(f"data: {type(e).__name__} while reading the {what}: {first}"[:500]) from None
+
+
+class SavedPosition:
+  """A data iterator's state taken earlier, saved by orbax in place of the live iterator's:
+  after a failed read the live state may be past the batch that the saved train state needs
+  next. (grain's checkpoint handler saves a non-grain iterator's `get_state()` bytes.)"""
+
+  def __init__(self, state: Any):
+    self._state = state
+
+  def get_state(self) -> bytes:
+    return json.dumps(self._state, indent=4).encode()
