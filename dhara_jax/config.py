@@ -78,6 +78,11 @@ class ModelConfig:
   embed_scale: bool = False  # multiply token embeddings by sqrt(d_model) (Gemma)
   final_logit_softcap: float = 0.0  # 0: off
   init_std: float = 0.02
+  # Masked diffusion (REFERENCES §3): the absorbing mask token (-1: the tokenizer's <mask>,
+  # filled in when training starts) and the floor of the masking probability,
+  # p = (1 - eps)·t + eps. Exported with the model (`mask_token_id`, `mask_epsilon`).
+  mask_token_id: int = -1
+  mask_epsilon: float = 1e-3
   dtype: str = "float32"  # activation/compute dtype; parameters stay float32
 
   def __post_init__(self) -> None:
@@ -122,6 +127,8 @@ def architecture(cfg: ModelConfig) -> dict[str, Any]:
       "moe_norm_topk": not cfg.num_experts, "moe_aux_loss_weight": not cfg.num_experts,
       "canon_kernel": not cfg.canon_set, "canon_residual": not cfg.canon_set,
       "canon_bias": not cfg.canon_set, "canon_activation": not cfg.canon_set,
+      # What masks a diffusion model's input; a causal (AR) model has no use for it.
+      "mask_token_id": cfg.attention == "causal", "mask_epsilon": cfg.attention == "causal",
   }
   out.update({field: None for field, is_unused in unused.items() if is_unused})
   return out
@@ -152,12 +159,18 @@ class MeshConfig:
       raise ConfigError("mesh: at most one axis may be -1")
 
 
+OBJECTIVES = ("ar", "mdm", "block")
+
+
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
   """Optimisation and run control. Defaults follow codelion/gpt-2-70m (REFERENCES §1.2):
   AdamW, 5e-4 → 5e-5 cosine with 2% warmup."""
 
+  # ar: next-token loss, causal. mdm: masked diffusion (LLaDA/MDLM) over the whole row,
+  # bidirectional. block: block diffusion (BD3LM) over [x_t ; x_0] with blocks of block_size.
   objective: str = "ar"
+  block_size: int = 0  # block objective only; must divide data.seq_len
   steps: int = 1000
   grad_accum: int = 1  # microbatches per step; must divide data.batch_size (the global batch)
   lr: float = 5e-4
@@ -187,8 +200,12 @@ class TrainConfig:
     def fail(field: str, why: str) -> typing.NoReturn:
       raise ConfigError(f"train.{field}: {why}")
 
-    if self.objective not in ("ar",):
-      fail("objective", f"{self.objective!r} is not one of ar")
+    if self.objective not in OBJECTIVES:
+      fail("objective", f"{self.objective!r} is not one of {', '.join(OBJECTIVES)}")
+    if self.objective == "block" and self.block_size <= 0:
+      fail("block_size", f"must be positive with objective: block, got {self.block_size}")
+    if self.block_size < 0:
+      fail("block_size", f"must be >= 0, got {self.block_size}")
     if self.schedule not in ("cosine", "wsd", "constant"):
       fail("schedule", f"{self.schedule!r} is not one of cosine, wsd, constant")
     for field in ("steps", "grad_accum", "eval_batches", "keep_checkpoints", "logit_chunk_tokens"):
@@ -211,16 +228,89 @@ class TrainConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class ConvertConfig:
+  """`dhara convert`: AR → masked diffusion by Warmup-Stable-Decay over the block size
+  (LLaDA 2.0, REFERENCES §4). Warmup climbs the block ladder from the AR model (block 1),
+  stable trains `mdm` over the whole row, decay steps back down; each stage's share of the
+  token budget is split evenly over its block sizes."""
+
+  warmup_blocks: tuple[int, ...] = (1, 4, 32, 64)
+  decay_blocks: tuple[int, ...] = (512, 256, 128, 64, 32)  # each must divide data.seq_len
+  warmup_share: float = 0.1
+  stable_share: float = 0.7
+  decay_share: float = 0.2
+  tokens: int = 0  # the conversion's token budget; 0: token_fraction × the AR run's tokens
+  token_fraction: float = 0.1
+  mask_noise: float = 0.0  # std of noise on the mask token's input embedding, first stage
+  average_top_k: int = 3  # the final model: mean of the k best decay checkpoints (0: last)
+
+  def __post_init__(self) -> None:
+    def fail(field: str, why: str) -> typing.NoReturn:
+      raise ConfigError(f"convert.{field}: {why}")
+
+    if not self.warmup_blocks:
+      fail("warmup_blocks", "is empty; the ladder starts from the AR model, e.g. [1, 4, 32]")
+    for field in ("warmup_blocks", "decay_blocks"):
+      if any(b <= 0 for b in getattr(self, field)):
+        fail(field, f"block sizes must be positive, got {list(getattr(self, field))}")
+    shares = ("warmup_share", "stable_share", "decay_share")
+    if any(not 0 <= getattr(self, f) <= 1 for f in shares):
+      fail("warmup_share", "warmup_share, stable_share and decay_share must be in [0, 1]")
+    if abs(sum(getattr(self, f) for f in shares) - 1) > 1e-6:
+      fail("stable_share", "warmup_share + stable_share + decay_share must be 1, got "
+           f"{sum(getattr(self, f) for f in shares):g}")
+    if not self.decay_blocks and self.decay_share:
+      fail("decay_share", "must be 0 without decay_blocks")
+    if self.tokens < 0 or not 0 < self.token_fraction:
+      fail("tokens" if self.tokens < 0 else "token_fraction", "must be positive")
+    if not (math.isfinite(self.mask_noise) and self.mask_noise >= 0):
+      fail("mask_noise", f"must be a finite number >= 0, got {self.mask_noise}")
+    if self.average_top_k < 0:
+      fail("average_top_k", f"must be >= 0, got {self.average_top_k}")
+
+
+@dataclasses.dataclass(frozen=True)
 class Config:
   model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
   mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
   data: DataConfig = dataclasses.field(default_factory=DataConfig)
   train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+  convert: ConvertConfig = dataclasses.field(default_factory=ConvertConfig)
 
   def __post_init__(self) -> None:
     if self.data.batch_size % self.train.grad_accum:
       raise ConfigError(f"train.grad_accum: {self.train.grad_accum} does not divide "
                         f"data.batch_size={self.data.batch_size}")
+    if self.train.objective == "block" and self.data.seq_len % self.train.block_size:
+      raise ConfigError(f"train.block_size: {self.train.block_size} does not divide "
+                        f"data.seq_len={self.data.seq_len}")
+
+  def check_objective_fits_model(self) -> None:
+    """Refuses an objective the model's attention contradicts: AR must not see ahead, mdm
+    must. Not checked at load: model presets are loaded with the default (AR) train section."""
+    wanted = {"ar": "causal", "mdm": "bidirectional"}.get(self.train.objective)
+    if wanted and self.model.attention != wanted:
+      raise ConfigError(f"train.objective: {self.train.objective} needs model.attention="
+                        f"{wanted}, got {self.model.attention}")
+
+  def with_mask_token(self, reserved: tuple[int, ...]) -> "Config":
+    """This config with the diffusion mask token resolved: `model.mask_token_id`, or the
+    tokenizer's <mask> when it is -1. `reserved` are the ids the tokenizer keeps for it: its
+    <mask>, then its EOS (Dhara-70M deliberately reuses GPT-2's end-of-text); any other id
+    would mask with an ordinary token. () when no tokenizer is known."""
+    if self.train.objective == "ar" or self.model.mask_token_id in reserved:
+      return self
+    if self.model.mask_token_id == -1:
+      if not reserved:
+        raise ConfigError("model.mask_token_id: -1 means the tokenizer's <mask>, but there is "
+                          "no tokenizer; set the id")
+      return dataclasses.replace(self, model=dataclasses.replace(
+          self.model, mask_token_id=reserved[0]))
+    if reserved:
+      raise ConfigError(f"model.mask_token_id: {self.model.mask_token_id} is an ordinary token "
+                        f"of the tokenizer; use its <mask> ({reserved[0]}), its EOS "
+                        f"({reserved[1]}), or -1")
+    return self
 
   def check_rows_fit_model(self) -> None:
     """Refuses data rows longer than the model's positions: past them, learned positions are
@@ -279,6 +369,11 @@ def _validate_model(c: ModelConfig) -> None:
          + ", ".join(f"{k} ({v})" for k, v in LAYER_KINDS.items()))
   if "L" in c.layer_pattern and c.sliding_window <= 0:
     fail("sliding_window", "must be positive when layer_pattern has sliding-window layers (L)")
+  if not -1 <= c.mask_token_id < c.vocab_size:
+    fail("mask_token_id", f"{c.mask_token_id} is outside the vocabulary [0, {c.vocab_size}) "
+         "(-1: the tokenizer's <mask>)")
+  if not 0 < c.mask_epsilon < 1:
+    fail("mask_epsilon", f"must be in (0, 1), got {c.mask_epsilon}")
   if c.norm_unit_offset and c.norm != "rmsnorm":
     fail("norm_unit_offset", "only applies to norm: rmsnorm")
   if set(c.canon_set) - set("ABCD") or len(set(c.canon_set)) != len(c.canon_set):
@@ -324,6 +419,11 @@ def _coerce(value: Any, typ: Any, where: str) -> Any:
   elif typ is str:
     if isinstance(value, str):
       return value
+  elif typing.get_origin(typ) is tuple:  # tuple[int, ...]: a YAML list
+    if isinstance(value, (list, tuple)):
+      item = typing.get_args(typ)[0]
+      return tuple(_coerce(v, item, f"{where}[{i}]") for i, v in enumerate(value))
+    raise ConfigError(f"{where}: expected a list, got {value!r}")
   else:  # pragma: no cover - only the types above are used in configs
     return value
   raise ConfigError(f"{where}: expected {typ.__name__}, got {value!r}")
@@ -341,14 +441,15 @@ def _build(cls: type, raw: Mapping[str, Any], section: str) -> Any:
 
 
 _SECTIONS = {"model": ModelConfig, "mesh": MeshConfig, "data": DataConfig,
-             "train": TrainConfig}
+             "train": TrainConfig, "convert": ConvertConfig}
 
 
-def _merge(base: dict, override: Mapping) -> dict:
+def merge(base: dict, override: Mapping) -> dict:
+  """`override` over `base`, mapping by mapping (lists and scalars replace)."""
   out = dict(base)
   for key, value in override.items():
     if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
-      out[key] = _merge(out[key], value)
+      out[key] = merge(out[key], value)
     else:
       out[key] = value
   return out
@@ -391,8 +492,8 @@ def load_raw(spec: str | Path, _seen: tuple[Path, ...] = ()) -> dict:
       raise ConfigError(f"config: {path}: base must be a file/preset name or a list of them, "
                         f"got {base!r}")
     base_path = (path.parent / base) if (path.parent / base).exists() else base
-    merged = _merge(merged, load_raw(base_path, _seen + (path,)))
-  return _merge(merged, raw)
+    merged = merge(merged, load_raw(base_path, _seen + (path,)))
+  return merge(merged, raw)
 
 
 def _yaml_error(path: Path, e: yaml.YAMLError) -> str:

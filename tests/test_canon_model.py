@@ -156,7 +156,8 @@ def test_kernel_choices_are_not_exported():
 def test_dhara_70m_exports_with_custom_code(tmp_path):
   """The real preset (at 2 layers to stay fast) exports and matches through trust_remote_code."""
   cfg = config.load("configs/models/dhara_70m.yaml", ["model.num_layers=2",
-                                                      "model.vocab_size=512"]).model
+                                                      "model.vocab_size=512",
+                                                      "model.mask_token_id=500"]).model
   params = random_params(cfg)
   model = load_torch_model(export_hf(cfg, params, tmp_path))
   tokens = RNG.integers(0, cfg.vocab_size, (1, 16))
