@@ -34,9 +34,15 @@ def compiles(fn: Callable, specs: tuple[Any, ...], *, kernel: str, fallback: str
   except ConfigError:
     raise
   except Exception as err:  # Lowering errors come from Pallas, Mosaic, Triton or XLA alike.
-    if kernel not in _warned:
-      _warned.add(kernel)
-      reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
-      _log.warning("%s does not lower on %s (%s); using the %s path", kernel,
-                   jax.default_backend(), reason, fallback)
+    reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+    warn_once(kernel, "%s does not lower on %s (%s); using the %s path", kernel,
+              jax.default_backend(), reason, fallback)
     return False
+
+
+def warn_once(key: str, message: str, *args: Any) -> None:
+  """Logs `message % args` as a warning the first time `key` is seen in this process: a
+  fallback taken at every trace should say so once."""
+  if key not in _warned:
+    _warned.add(key)
+    _log.warning(message, *args)

@@ -39,18 +39,24 @@ def param_shapes(cfg: ModelConfig) -> Params:
 
 def forward(cfg: ModelConfig, params: Params, tokens_BxL: jax.Array,
             segment_ids_BxL: jax.Array | None = None,
-            positions_BxL: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+            positions_BxL: jax.Array | None = None,
+            block_size: int = 0) -> tuple[jax.Array, jax.Array]:
   """Returns (logits B×L×V float32, auxiliary loss: the MoE load-balancing loss summed over layers,
-  already multiplied by `moe_aux_loss_weight`; 0 for dense models)."""
-  return _apply(cfg, params, tokens_BxL, segment_ids_BxL, positions_BxL, head=True)
+  already multiplied by `moe_aux_loss_weight`; 0 for dense models).
+
+  Block-diffusion mode, `block_size` > 0 (a Python int dividing L; each value compiles its own
+  program): tokens are B×2L = concatenate([x_t, x_0], axis=1), segment ids and positions are
+  x_0's, B×L, shared by both halves, and the logits are B×2L×V (see `Transformer`)."""
+  return _apply(cfg, params, tokens_BxL, segment_ids_BxL, positions_BxL, True, block_size)
 
 
 def forward_hidden(cfg: ModelConfig, params: Params, tokens_BxL: jax.Array,
                    segment_ids_BxL: jax.Array | None = None,
-                   positions_BxL: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+                   positions_BxL: jax.Array | None = None,
+                   block_size: int = 0) -> tuple[jax.Array, jax.Array]:
   """`forward` without the output head: (final hidden states B×L×D in the compute dtype,
-  auxiliary loss). `output_head` gives the head."""
-  return _apply(cfg, params, tokens_BxL, segment_ids_BxL, positions_BxL, head=False)
+  auxiliary loss; B×2L×D with `block_size` > 0). `output_head` gives the head."""
+  return _apply(cfg, params, tokens_BxL, segment_ids_BxL, positions_BxL, False, block_size)
 
 
 def kernel_choices(cfg: ModelConfig) -> dict[str, str]:
@@ -79,9 +85,9 @@ def output_head(cfg: ModelConfig, params: Params) -> Head:
   return Head(kernel, transposed, cfg.final_logit_softcap)
 
 
-def _apply(cfg, params, tokens_BxL, segment_ids_BxL, positions_BxL, head):
+def _apply(cfg, params, tokens_BxL, segment_ids_BxL, positions_BxL, head, block_size):
   out, state = Transformer(cfg).apply({"params": params}, tokens_BxL, segment_ids_BxL,
-                                      positions_BxL, head, mutable=["intermediates"])
+                                      positions_BxL, head, block_size, mutable=["intermediates"])
   aux_losses = jax.tree.leaves(state.get("intermediates", {}))
   aux = sum(aux_losses, jnp.zeros((), jnp.float32)) * cfg.moe_aux_loss_weight
   return out, aux

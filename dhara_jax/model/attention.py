@@ -18,6 +18,7 @@ class Attention(nn.Module):
   cfg: ModelConfig
   out_std: float
   local: bool = False  # a sliding-window layer
+  block_size: int = 0  # > 0: x is the block-diffusion row [x_t ; x_0] (mask B×1×2L×2L)
 
   @nn.compact
   def __call__(self, x_BxLxD: jax.Array, rope: RopeTable | None, mask_Bx1xLxL: jax.Array,
@@ -45,7 +46,8 @@ class Attention(nn.Module):
     if "B" in cfg.canon_set:  # one depthwise conv over the concatenated q, k, v channels
       qkv_BxLxC = jnp.concatenate([t.reshape(batch, length, -1)
                                    for t in (q_BxLxHxK, k_BxLxGxK, v_BxLxGxK)], axis=-1)
-      qkv_BxLxC = maybe_canon(cfg, "B", qkv_BxLxC, segment_ids_BxL, "canon_b")
+      qkv_BxLxC = maybe_canon(cfg, "B", qkv_BxLxC, segment_ids_BxL, "canon_b",
+                              self.block_size)
       q, k, v = jnp.split(qkv_BxLxC, [heads * head_dim, (heads + kv_heads) * head_dim], axis=-1)
       q_BxLxHxK = q.reshape(batch, length, heads, head_dim)
       k_BxLxGxK = k.reshape(batch, length, kv_heads, head_dim)
@@ -57,7 +59,8 @@ class Attention(nn.Module):
     out_BxLxHxK = attend(cfg.attention_impl, q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, mask_Bx1xLxL,
                          segment_ids_BxL, scale=(cfg.query_scale_dim or head_dim) ** -0.5,
                          causal=cfg.attention == "causal",
-                         window=cfg.sliding_window if self.local else 0)
+                         window=cfg.sliding_window if self.local else 0,
+                         block_size=self.block_size)
     out_BxLxHK = out_BxLxHxK.reshape(batch, length, heads * head_dim)
     return Dense(d_model, ("q_heads", "embed"), cfg.use_bias, self.out_std, dtype,
                  name="o")(out_BxLxHK)
@@ -65,21 +68,23 @@ class Attention(nn.Module):
 
 def attend(impl: str, q_BxLxHxK: jax.Array, k_BxLxGxK: jax.Array, v_BxLxGxK: jax.Array,
            mask_Bx1xLxL: jax.Array, segment_ids_BxL: jax.Array, *, scale: float, causal: bool,
-           window: int) -> jax.Array:
+           window: int, block_size: int = 0) -> jax.Array:
   """Attention with the kernel `impl` chooses (kernels/attention.py): FlashAttention where it
   applies and lowers, else `blocked_attention` over the mask.
 
-  The mask must be the one masks.attention_mask builds from these segment ids: FlashAttention
-  rebuilds it from the segment ids inside the kernel.
+  The mask must be the one masks.attention_mask builds from these segment ids (with
+  `block_size` > 0: masks.block_diffusion_mask, q/k/v over [x_t ; x_0], segment ids x_0's and
+  `causal` ignored): FlashAttention rebuilds it from the segment ids inside the kernel.
   """
   def masked(q, k, v, mask):
-    return blocked_attention(q, k, v, mask, scale, causal, window)
+    return blocked_attention(q, k, v, mask, scale, causal, window, block_size)
 
-  if not flash_applies(impl, q_BxLxHxK.shape[1], window):
+  if not flash_applies(impl, q_BxLxHxK.shape[1], window, block_size):
     return masked(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, mask_Bx1xLxL)
 
   def flash_or_masked(q, k, v, mask, segment_ids):
-    out = flash_attention(impl, q, k, v, segment_ids, scale=scale, causal=causal)
+    out = flash_attention(impl, q, k, v, segment_ids, scale=scale, causal=causal,
+                          block_size=block_size)
     return masked(q, k, v, mask) if out is None else out
 
   return per_batch_shard(flash_or_masked, split=(True,) * 5)(
@@ -91,13 +96,18 @@ QUERY_BLOCK = 128
 
 def blocked_attention(q_BxLxHxK: jax.Array, k_BxSxGxK: jax.Array, v_BxSxGxK: jax.Array,
                       mask_Bx1xLxS: jax.Array, scale: float, causal: bool,
-                      window: int = 0) -> jax.Array:
+                      window: int = 0, block_size: int = 0) -> jax.Array:
   """Attention computed per block of queries over only the keys the block can see.
 
   Causal and sliding-window masks leave whole key ranges empty for a query block; skipping
-  them cuts the work by up to half (causal) and makes the score tensors smaller. The result
-  equals `dot_product_attention` over the full mask.
+  them cuts the work by up to half (causal) and makes the score tensors smaller. With
+  `block_size` > 0 the rows are [x_t ; x_0] under masks.block_diffusion_mask (`causal` is
+  ignored; see `_block_diffusion_attention`). The result equals `dot_product_attention` over
+  the full mask.
   """
+  if block_size:
+    return _block_diffusion_attention(q_BxLxHxK, k_BxSxGxK, v_BxSxGxK, mask_Bx1xLxS, scale,
+                                      block_size, window)
   length = q_BxLxHxK.shape[1]
   if length <= QUERY_BLOCK or (not causal and not window):
     return dot_product_attention(q_BxLxHxK, k_BxSxGxK, v_BxSxGxK, mask_Bx1xLxS, scale)
@@ -111,6 +121,53 @@ def blocked_attention(q_BxLxHxK: jax.Array, k_BxSxGxK: jax.Array, v_BxSxGxK: jax
         v_BxSxGxK[:, key_start:key_end], mask_Bx1xLxS[:, :, start:end, key_start:key_end],
         scale))
   return jnp.concatenate(outs, axis=1)
+
+
+def _block_diffusion_attention(q_Bx2LxHxK: jax.Array, k_Bx2LxGxK: jax.Array,
+                               v_Bx2LxGxK: jax.Array, mask_Bx1x2Lx2L: jax.Array, scale: float,
+                               block_size: int, window: int) -> jax.Array:
+  """`blocked_attention` over [x_t ; x_0]: each chunk of queries (never across the seam) reads
+  only the key ranges `_visible_keys` gives, concatenated: about L² scores at small block sizes
+  and 2L² at block size L, of the (2L)² of the full mask."""
+  length = q_Bx2LxHxK.shape[1] // 2
+  outs = []
+  for offset in (0, length):  # x_t's queries, then x_0's
+    for start in range(offset, offset + length, QUERY_BLOCK):
+      rows = slice(start, min(start + QUERY_BLOCK, offset + length))
+      keys = _visible_keys(rows, length, block_size, window)
+      outs.append(dot_product_attention(
+          q_Bx2LxHxK[:, rows], _take(k_Bx2LxGxK, keys, 1), _take(v_Bx2LxGxK, keys, 1),
+          _take(mask_Bx1x2Lx2L[:, :, rows], keys, 3), scale))
+  return jnp.concatenate(outs, axis=1)
+
+
+def _take(x: jax.Array, ranges: list[slice], axis: int) -> jax.Array:
+  """The ranges of `axis`, concatenated."""
+  parts = [jax.lax.slice_in_dim(x, r.start, r.stop, axis=axis) for r in ranges]
+  return parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=axis)
+
+
+def _visible_keys(rows: slice, length: int, block_size: int, window: int) -> list[slice]:
+  """The key ranges (indices into [x_t ; x_0]) that query rows inside one half can see, from
+  the block structure of masks.block_diffusion_mask.
+
+  A query of block k in x_t sees x_t block k and x_0 blocks < k: for the rows, x_t from their
+  first block's start to their last block's end and x_0 up to their last block's start. In
+  x_0 it sees x_0 blocks ≤ k: up to the rows' last block's end. A window clips each range to
+  the rows ± (window − 1).
+  """
+  noisy = rows.start < length
+  first, last = (r - (0 if noisy else length) for r in (rows.start, rows.stop - 1))
+  first_block_start = first // block_size * block_size
+  last_block_start = last // block_size * block_size
+  low, high = (first - window + 1, last + window) if window else (0, length)
+  clip = lambda lo, hi, offset: slice(offset + max(lo, low), offset + min(hi, high))
+  if noisy:
+    ranges = [clip(0, last_block_start, length),
+              clip(first_block_start, last_block_start + block_size, 0)]
+  else:
+    ranges = [clip(0, last_block_start + block_size, length)]
+  return [r for r in ranges if r.stop > r.start]
 
 
 def dot_product_attention(q_BxLxHxK: jax.Array, k_BxSxGxK: jax.Array, v_BxSxGxK: jax.Array,

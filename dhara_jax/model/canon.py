@@ -4,6 +4,8 @@ Positions in a pre-norm block (PhysicsLM4 semantics): A after the mixer pre-norm
 concatenated q/k/v projections (after QK-norm, before RoPE; on LFM2 conv layers, on the in_proj
 output), C after the MLP pre-norm, D on the gated MLP activation. The conv stays causal in
 bidirectional (diffusion) mode so AR weights transfer 1:1, and taps reset at document boundaries.
+In block-diffusion mode ([x_t ; x_0], `block_size` > 0) x_t's taps into earlier blocks read x_0
+(model/conv.py `block_diffusion_conv`).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import jax.numpy as jnp
 
 from dhara_jax.config import ModelConfig
 from dhara_jax.kernels.canon import canon_conv, resolve_impl
+from dhara_jax.model.conv import block_diffusion_conv
 from dhara_jax.sharding import per_batch_shard
 
 
@@ -41,8 +44,9 @@ def conv_impl(cfg: ModelConfig) -> str:
 
 
 def conv(cfg: ModelConfig, h_BxLxC: jax.Array, w_KxC: jax.Array,
-         segment_ids_BxL: jax.Array) -> jax.Array:
-  """The Canon conv with the configured kernel.
+         segment_ids_BxL: jax.Array, block_size: int = 0) -> jax.Array:
+  """The Canon conv with the configured kernel; with `block_size` > 0, h is [x_t ; x_0]
+  (B×2L×C) and segment_ids B×L (see `block_diffusion_conv`).
 
   Under a multi-device mesh every kernel but the plain-jnp reference runs per batch shard in
   `shard_map` (never split over time: the K-1 halo would cross devices). XLA cannot partition a
@@ -53,11 +57,12 @@ def conv(cfg: ModelConfig, h_BxLxC: jax.Array, w_KxC: jax.Array,
   fn = functools.partial(canon_conv, impl=impl)
   if conv_impl(cfg) != "reference":
     fn = per_batch_shard(fn, split=(True, False, True))
-  return fn(h_BxLxC, w_KxC, segment_ids_BxL)
+  return block_diffusion_conv(fn, h_BxLxC, w_KxC, segment_ids_BxL, block_size)
 
 
 class Canon(nn.Module):
   cfg: ModelConfig
+  block_size: int = 0  # > 0: h is the block-diffusion row [x_t ; x_0], segment ids x_0's
 
   @nn.compact
   def __call__(self, h_BxLxC: jax.Array, segment_ids_BxL: jax.Array) -> jax.Array:
@@ -66,7 +71,7 @@ class Canon(nn.Module):
     w_KxC = self.param("kernel", nn.with_logical_partitioning(
         torch_conv_init(cfg.canon_kernel), ("conv_kernel", "canon_channels")),
                        (cfg.canon_kernel, channels), jnp.float32)
-    y_BxLxC = conv(cfg, h_BxLxC, w_KxC, segment_ids_BxL)
+    y_BxLxC = conv(cfg, h_BxLxC, w_KxC, segment_ids_BxL, self.block_size)
     if cfg.canon_bias:
       bias_C = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros,
                                                                ("canon_channels",)),
@@ -78,11 +83,11 @@ class Canon(nn.Module):
 
 
 def maybe_canon(cfg: ModelConfig, position: str, h_BxLxC: jax.Array,
-                segment_ids_BxL: jax.Array, name: str) -> jax.Array:
+                segment_ids_BxL: jax.Array, name: str, block_size: int = 0) -> jax.Array:
   """Applies the Canon layer for `position` (one of ABCD) when the config enables it.
 
   Call only from inside a compact module's __call__: the layer binds to the calling module.
   """
   if position not in cfg.canon_set:
     return h_BxLxC
-  return Canon(cfg, name=name)(h_BxLxC, segment_ids_BxL)
+  return Canon(cfg, block_size, name=name)(h_BxLxC, segment_ids_BxL)

@@ -17,6 +17,7 @@ class Mlp(nn.Module):
 
   cfg: ModelConfig
   out_std: float
+  block_size: int = 0  # > 0: x is the block-diffusion row [x_t ; x_0] (for Canon D)
 
   @nn.compact
   def __call__(self, x_BxLxD: jax.Array, segment_ids_BxL: jax.Array) -> jax.Array:
@@ -31,5 +32,5 @@ class Mlp(nn.Module):
     else:
       gate_BxLxF = dense(cfg.mlp_dim, ("embed", "mlp"), cfg.init_std, "gate")(x_BxLxD)
       h_BxLxF = act(gate_BxLxF) * up_BxLxF
-    h_BxLxF = maybe_canon(cfg, "D", h_BxLxF, segment_ids_BxL, "canon_d")
+    h_BxLxF = maybe_canon(cfg, "D", h_BxLxF, segment_ids_BxL, "canon_d", self.block_size)
     return dense(x_BxLxD.shape[-1], ("mlp", "embed"), self.out_std, "down")(h_BxLxF)
