@@ -32,6 +32,7 @@ from dhara_jax.errors import DharaError
 
 
 ORBAX_MARKERS = ("commit_success.txt",)
+SCORE = "diffusion_loss"  # the metric a checkpoint may be saved with, lower is better
 
 
 class FileHandler(ocp.CheckpointHandler):
@@ -89,11 +90,23 @@ def checkpoint_directory(run_dir: Path, directory: str = "") -> epath.Path:
 
 class Checkpointer:
   def __init__(self, run_dir: Path, keep: int, async_save: bool = True, directory: str = "",
-               create: bool = True):
-    """`create=False` for readers (export): they leave no empty checkpoint dir behind."""
+               create: bool = True, best: int = 0):
+    """`create=False` for readers (export): they leave no empty checkpoint dir behind. `best`
+    > 0 also keeps the `best` checkpoints saved with the lowest `SCORE` metric (a
+    conversion's top-k decay checkpoints) beside the `keep` latest."""
     self.directory = checkpoint_directory(run_dir, directory)
-    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=create,
-                                           enable_async_checkpointing=async_save)
+    policy = ocp.checkpoint_managers
+    preservation = policy.LatestN(keep)
+    if best:
+      preservation = policy.AnyPreservationPolicy([preservation, policy.BestN(
+          get_metric_fn=lambda m: m[SCORE], reverse=True, n=best,
+          keep_checkpoints_without_metrics=False)])
+    # best_fn makes orbax write a save's metrics (the preservation policy ranks by them).
+    options = ocp.CheckpointManagerOptions(
+        preservation_policy=preservation, create=create, enable_async_checkpointing=async_save,
+        best_fn=(lambda m: m[SCORE]) if best else None, best_mode="min")
+    if best:
+      _quiet_unscored_saves()
     _quiet_failed_saves()
     _silence_abandoned_reads()  # a failed save abandons tensorstore's other writes the same way
     self.manager = ocp.CheckpointManager(self.directory, options=options)
@@ -103,7 +116,8 @@ class Checkpointer:
     return self.manager.latest_step()
 
   def save(self, step: int, state: Any, data_iterator: Any, config: dict,
-           tokenizer: Path | None = None) -> None:
+           tokenizer: Path | None = None, score: float | None = None) -> None:
+    """Saves `step` (asynchronously where enabled); `score` ranks it among the `best`."""
     items = {"state": ocp.args.StandardSave(state), "config": ocp.args.JsonSave(config)}
     if data_iterator is not None:
       items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
@@ -111,10 +125,20 @@ class Checkpointer:
       items["tokenizer"] = FileSave(Path(tokenizer).name, Path(tokenizer).read_bytes())
     self.wait()  # the manager would wait too, but blame a failure on this step, not the pending
     try:
-      self.manager.save(step, args=ocp.args.Composite(**items), force=True)
+      self.manager.save(step, args=ocp.args.Composite(**items), force=True,
+                        metrics=None if score is None else {SCORE: score})
     except Exception as e:  # orbax, tensorstore and file errors alike
       raise self._save_failed(step, e) from None
     self._pending = step
+
+  def scores(self) -> dict[int, float]:
+    """The score of every checkpoint on disk saved with one."""
+    out = {}
+    for step in self.manager.all_steps():
+      metrics = self.manager.metrics(step)
+      if metrics and SCORE in metrics:
+        out[step] = float(metrics[SCORE])
+    return out
 
   def saved_config(self, step: int) -> dict:
     return self._restore(step, config=ocp.args.JsonRestore())["config"]
@@ -317,3 +341,10 @@ def _quiet_failed_saves() -> None:
   logging.getLogger("absl").addFilter(keep)
   warnings.filterwarnings("ignore", r"coroutine '\w*CheckpointHandler\.async_save' was never "
                           "awaited", RuntimeWarning)
+
+
+@functools.cache
+def _quiet_unscored_saves() -> None:
+  """With `best`, orbax warns at every save without metrics; most saves have none on purpose."""
+  logging.getLogger("absl").addFilter(
+      lambda record: "did not provide metrics" not in record.getMessage())

@@ -29,6 +29,7 @@ from dhara_jax.errors import DharaError
 from dhara_jax.metrics import MetricsWriter, mfu
 from dhara_jax.model import kernel_choices
 from dhara_jax.params import count_params
+from dhara_jax.phases import Phase, Plan, run_plan
 from dhara_jax.sharding import make_mesh
 from dhara_jax.stopping import DataStop, SavedPosition, StopSignals, next_batch
 from dhara_jax.train import (abstract_state, build, init_state, make_eval_step,
@@ -80,8 +81,8 @@ def architecture_diff(saved_model: dict, model: dict) -> list[str]:
 def evaluate(eval_step: Callable, params: Any, batches: Iterator[dict], count: int,
              fetch: Callable[[Iterator[dict]], dict] = next) -> float:
   total, tokens = 0.0, 0.0
-  for _ in range(count):
-    out = eval_step(params, model_inputs(fetch(batches)))
+  for index in range(count):
+    out = eval_step(params, model_inputs(fetch(batches)), index)
     total += float(out["loss_sum"])
     tokens += float(out["tokens"])
   return total / max(tokens, 1.0)
@@ -94,6 +95,7 @@ class Data:
   train: Any  # iterator of batch dicts with get_state / set_state (grain DatasetIterator)
   eval_batches: Callable[[], Iterator[dict]] | None  # a fresh held-out iterator per evaluation
   tokenizer_path: Path | None
+  mask_ids: tuple[int, ...] = ()  # ids the tokenizer keeps for a mask (Config.with_mask_token)
 
 
 MODEL_INPUTS = ("tokens", "segment_ids", "positions")
@@ -110,7 +112,7 @@ def pipeline_data(cfg: Config, mesh: Mesh) -> Data:
   held_out = None
   if cfg.data.eval_fraction > 0:
     held_out = lambda: make_eval_iterator(cfg.data, mesh, tokenizer=tokenizer)
-  return Data(train, held_out, tokenizer.path)
+  return Data(train, held_out, tokenizer.path, (tokenizer.mask_id, tokenizer.eos_id))
 
 
 def model_inputs(batch: dict) -> dict:
@@ -118,9 +120,16 @@ def model_inputs(batch: dict) -> dict:
 
 
 def run(cfg: Config, run_dir: Path, data: Callable[[Config, Mesh], Data] = pipeline_data, *,
-        stop_at: int | None = None, progress: bool = True) -> dict:
-  """Trains until `train.steps` (or `stop_at`, if earlier); returns a summary dict."""
+        stop_at: int | None = None, progress: bool = True,
+        plan: Callable[[Config], Plan] = run_plan,
+        initial_params: Callable[[Config, Any], Any] | None = None) -> dict:
+  """Trains until `train.steps` (or `stop_at`, if earlier); returns a summary dict.
+
+  `plan` gives each step's objective (one stage for `dhara train`, the WSD ladder for
+  `dhara convert`); `initial_params(cfg, param_shardings)`, when given, starts a new run from
+  those weights (with a fresh optimizer) instead of random ones."""
   cfg.check_rows_fit_model()
+  cfg.check_objective_fits_model()
   kernel_choices(cfg.model)
   # Both dirs are checked before any data is read. A checkpoint dir of its own goes first, so
   # that refusing it leaves no empty run dir behind; the default one lives in the run dir.
@@ -137,12 +146,14 @@ def run(cfg: Config, run_dir: Path, data: Callable[[Config, Mesh], Data] = pipel
       jax.distributed.initialize()
     mesh = make_mesh(cfg.mesh)
     data = data(cfg, mesh)
+    cfg = cfg.with_mask_token(data.mask_ids)
     tx, shardings = build(cfg, mesh)
+    steps_plan = plan(cfg)
   resolved = config_lib.to_dict(cfg)
   with contextlib.ExitStack() as cleanup:
     cleanup.enter_context(exclusive_use(run_dir))
     checkpoints = Checkpointer(run_dir, cfg.train.keep_checkpoints, cfg.train.async_checkpoint,
-                               cfg.train.checkpoint_dir)
+                               cfg.train.checkpoint_dir, best=steps_plan.average_top_k)
     cleanup.callback(checkpoints.close)
     cleanup.callback(checkpoints.wait)  # runs first: pending async saves finish, even on errors
     latest = checkpoints.latest_step()
@@ -160,6 +171,10 @@ def run(cfg: Config, run_dir: Path, data: Callable[[Config, Mesh], Data] = pipel
       state = checkpoints.restore(latest, abstract_state(cfg, tx, shardings), data.train)
     else:
       state = init_state(cfg, mesh, tx, shardings)
+      if initial_params is not None:
+        state["params"] = initial_params(cfg, shardings["params"])
+        state["opt_state"] = jax.jit(tx.init, out_shardings=shardings["opt_state"])(
+            state["params"])
       if jax.process_index() == 0:  # one writer on a shared run dir
         (run_dir / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
         if data.tokenizer_path is not None:
@@ -171,7 +186,7 @@ def run(cfg: Config, run_dir: Path, data: Callable[[Config, Mesh], Data] = pipel
     signals = cleanup.enter_context(StopSignals(enabled=jax.process_count() == 1))
     return _loop(cfg, mesh, tx, shardings, state, data, checkpoints, metrics, resolved,
                  start=latest or 0, last=min(cfg.train.steps, stop_at or cfg.train.steps),
-                 last_good=latest, progress=progress, signals=signals)
+                 last_good=latest, progress=progress, signals=signals, plan=steps_plan)
 
 
 @contextlib.contextmanager
@@ -187,11 +202,37 @@ def _removed_if_left_empty(directories: list[Path]) -> Iterator[None]:
     raise
 
 
+class _Steps:
+  """The compiled train and eval steps, one per phase (a conversion has a handful)."""
+
+  def __init__(self, cfg: Config, mesh: Mesh, tx: Any, shardings: Any):
+    self.cfg, self.mesh, self.tx, self.shardings = cfg, mesh, tx, shardings
+    # The held-out diffusion loss is the mdm ELBO over the whole row whatever a phase trains:
+    # comparable across phases, runs and families.
+    self.diffusion_cfg = dataclasses.replace(
+        cfg, model=dataclasses.replace(cfg.model, attention="bidirectional"))
+    self._train: dict[Phase, Callable] = {}
+    self._eval: dict[tuple[bool, Phase], Callable] = {}
+
+  def train(self, phase: Phase) -> Callable:
+    if phase not in self._train:
+      self._train[phase] = make_train_step(self.cfg, self.mesh, self.tx, self.shardings, phase)
+    return self._train[phase]
+
+  def eval(self, phase: Phase, diffusion: bool = False) -> Callable:
+    phase = dataclasses.replace(phase, mask_noise=0.0)  # noise is a training device only
+    key = (diffusion, phase)
+    if key not in self._eval:
+      cfg = self.diffusion_cfg if diffusion else self.cfg
+      self._eval[key] = make_eval_step(cfg, self.mesh, self.shardings, phase)
+    return self._eval[key]
+
+
 def _loop(cfg: Config, mesh: Mesh, tx: Any, shardings: Any, state: Any, data: Data,
           checkpoints: Checkpointer, metrics: MetricsWriter, resolved: dict, *, start: int,
-          last: int, last_good: int | None, progress: bool, signals: StopSignals) -> dict:
-  train_step = make_train_step(cfg, mesh, tx, shardings)
-  eval_step = make_eval_step(cfg, mesh, shardings)
+          last: int, last_good: int | None, progress: bool, signals: StopSignals,
+          plan: Plan) -> dict:
+  steps = _Steps(cfg, mesh, tx, shardings)
   flops_per_token = count_params(cfg.model, cfg.data.seq_len)["flops_per_token"]
   epochs = f" (data.num_epochs={cfg.data.num_epochs})"
   next_train = functools.partial(
@@ -202,25 +243,36 @@ def _loop(cfg: Config, mesh: Mesh, tx: Any, shardings: Any, state: Any, data: Da
       ran_out=f"the held-out data ran out before train.eval_batches={cfg.train.eval_batches}"
               f"{epochs}")
 
-  def held_out(params: Any) -> float:
+  def held_out_loss(params: Any, phase: Phase, diffusion: bool = False) -> float:
     try:
-      return evaluate(eval_step, params, data.eval_batches(), cfg.train.eval_batches,
-                      next_held_out)
+      return evaluate(steps.eval(phase, diffusion), params, data.eval_batches(),
+                      cfg.train.eval_batches, next_held_out)
     except DataStop:
       raise
     except DharaError as e:  # opening the held-out stream again failed
       raise DataStop(str(e)) from None
 
+  def held_out(params: Any, phase: Phase) -> dict[str, float]:
+    """`eval_loss` of the phase's objective, and in diffusion runs `diffusion_loss`."""
+    out = {"eval_loss": held_out_loss(params, phase)}
+    if plan.diffusion:
+      out["diffusion_loss"] = (out["eval_loss"] if phase.objective == "mdm" else
+                               held_out_loss(params, Phase("mdm"), diffusion=True))
+    return out
+
   evaluating = data.eval_batches is not None and cfg.train.eval_every > 0
   bar = _progress(progress, start, last)
-  loss = eval_loss = row = None
+  loss = row = None
+  evals: dict[str, float] = {}
   # The step `state` holds, and the stream position that goes with it: what a stop saves.
   done, position = start, SavedPosition(data.train.get_state())
   try:
     if start == 0 and evaluating:
-      eval_loss = held_out(state["params"])
-      metrics.write({"step": 0, "eval_loss": eval_loss})
+      evals = held_out(state["params"], plan.stage_at(1).phase)
+      metrics.write({"step": 0, **evals})
     for step in range(start + 1, last + 1):
+      stage = plan.stage_at(step)
+      train_step = steps.train(stage.phase)
       started = time.perf_counter()
       state, out = train_step(state, model_inputs(next_train(data.train)))
       loss = float(out["loss"])  # also waits for the step: timings below are real
@@ -236,14 +288,29 @@ def _loop(cfg: Config, mesh: Mesh, tx: Any, shardings: Any, state: Any, data: Da
              "lr": float(out["lr"]), "grad_norm": grad_norm, "param_norm": param_norm,
              "tokens_per_second": tokens_per_second,
              "mfu": mfu(flops_per_token, tokens_per_second)}
-      if evaluating and (step % cfg.train.eval_every == 0 or step == last):
-        eval_loss = row["eval_loss"] = held_out(state["params"])
+      if plan.diffusion:
+        row.update(phase=stage.name, objective=stage.phase.objective,
+                   block_size=stage.phase.block_size or cfg.data.seq_len)
+      evaluated = evaluating and (step % cfg.train.eval_every == 0 or step == last)
+      if evaluated:
+        evals = held_out(state["params"], stage.phase)
+        row.update(evals)
+      # An averaging stage keeps its evaluated checkpoints, ranked by their diffusion loss.
+      score = (evals["diffusion_loss"] if evaluated and plan.average_top_k
+               and stage.name == plan.average_stage else None)
+      if step == plan.stages[-1].last_step and plan.average_top_k:
+        state, averaged = _average_best(cfg, tx, shardings, checkpoints, state, step, score,
+                                        plan.average_top_k)
+        if evaluating:
+          evals = held_out(state["params"], stage.phase)
+        row.update({"averaged_steps": averaged, **{f"averaged_{k}": v for k, v in evals.items()}})
+        score = None  # the average is no candidate
       metrics.write(row)
       row = None
       stopping = signals.requested()
       if ((cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0)
-          or step == last or stopping):
-        checkpoints.save(step, state, data.train, resolved, data.tokenizer_path)
+          or step == last or stopping or score is not None):
+        checkpoints.save(step, state, data.train, resolved, data.tokenizer_path, score)
         last_good = step
       bar(step, loss)
       if stopping and step < last:
@@ -259,8 +326,28 @@ def _loop(cfg: Config, mesh: Mesh, tx: Any, shardings: Any, state: Any, data: Da
     why = f"train: stopped by {stop.signal}" if stop.signal else f"{stop}; stopped"
     raise DataStop(_stopped(why, done, last_good, checkpoints.directory, mend=not stop.signal),
                    stop.signal, stop.stuck) from None
-  return {"steps": last, "start_step": start, "final_loss": loss, "eval_loss": eval_loss,
+  return {"steps": last, "start_step": start, "final_loss": loss,
+          "eval_loss": evals.get("eval_loss"), "diffusion_loss": evals.get("diffusion_loss"),
           "state": state}
+
+
+def _average_best(cfg: Config, tx: Any, shardings: Any, checkpoints: Checkpointer, state: Any,
+                  step: int, score: float | None, k: int) -> tuple[Any, list[int]]:
+  """The state with its parameters replaced by the mean of the k best-scoring checkpoints'
+  (this step's own, scored `score`, among them); and those steps, best first."""
+  scores = checkpoints.scores()
+  if score is not None:
+    scores[step] = score
+  best = sorted(scores, key=lambda s: (scores[s], s))[:k]
+  if not best:  # nothing was evaluated in the averaging stage: keep the last state
+    return state, []
+  checkpoints.wait()  # a candidate may still be being written
+  target = abstract_state(cfg, tx, shardings)
+  params = [state["params"] if s == step else checkpoints.restore(s, target, None)["params"]
+            for s in best]
+  mean = jax.jit(lambda *p: jax.tree.map(lambda *x: sum(x) / len(x), *p),
+                 out_shardings=shardings["params"])(*params)
+  return {**state, "params": mean}, best
 
 
 def _stopped(why: str, done: int, last_good: int | None, directory: Any,

@@ -4,6 +4,7 @@ gradient accumulation and data-parallel reductions can normalise once over the w
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -149,3 +150,67 @@ def ar_loss(hidden_BxLxD: jax.Array, head: Head, tokens_BxL: jax.Array,
   targets_BxL, weights_BxL = next_token_targets(tokens_BxL, segment_ids_BxL)
   total = head_cross_entropy_sum(hidden_BxLxD, head, targets_BxL, weights_BxL, chunks)
   return total, jnp.sum(weights_BxL)
+
+
+# ---------------------------------------------------------------------------------------------
+# Masked diffusion (REFERENCES §3, §4). One label alignment for the whole project: the AR
+# shift. The hidden state at position i predicts the clean token at i + 1 (as Dream and
+# Fast-dLLM v2 do), so a converted AR model keeps its head's meaning; a document's first token
+# has no predictor inside its document and is never masked.
+
+
+class MaskDraws(NamedTuple):
+  """Which tokens a diffusion step masks, and with what probability."""
+
+  masked_BxL: jax.Array  # bool: replaced by the mask token in x_t
+  prob_BxL: jax.Array  # float32: each token's masking probability p (its block's)
+
+
+def predictable(segment_ids_BxL: jax.Array) -> jax.Array:
+  """Tokens that the previous position predicts: real, and in the same document as it."""
+  previous_BxL = jnp.concatenate([jnp.zeros_like(segment_ids_BxL[:, :1]),
+                                  segment_ids_BxL[:, :-1]], axis=1)
+  return (segment_ids_BxL > 0) & (previous_BxL == segment_ids_BxL)
+
+
+def draw_masks(rng: jax.Array, segment_ids_BxL: jax.Array, epsilon: float,
+               block_size: int = 0) -> MaskDraws:
+  """t ~ U(0, 1) per block of `block_size` tokens (0: per row), p = (1 − ε)·t + ε, and each
+  predictable token masked with its block's p. Drawn for global shapes, so the draws do not
+  depend on how the batch is sharded."""
+  batch, length = segment_ids_BxL.shape
+  blocks = length // (block_size or length)
+  t_key, u_key = jax.random.split(rng)
+  t_BxN = jax.random.uniform(t_key, (batch, blocks))
+  prob_BxL = jnp.repeat((1.0 - epsilon) * t_BxN + epsilon, length // blocks, axis=1)
+  masked_BxL = (jax.random.uniform(u_key, (batch, length)) < prob_BxL)
+  return MaskDraws(masked_BxL & predictable(segment_ids_BxL), prob_BxL)
+
+
+def noisy_tokens(tokens_BxL: jax.Array, draws: MaskDraws, mask_token_id: int) -> jax.Array:
+  """x_t: the masked tokens replaced by the absorbing mask token."""
+  return jnp.where(draws.masked_BxL, mask_token_id, tokens_BxL)
+
+
+def diffusion_loss(hidden_BxLxD: jax.Array, head: Head, tokens_BxL: jax.Array,
+                   segment_ids_BxL: jax.Array, draws: MaskDraws,
+                   chunks: int = 1) -> tuple[jax.Array, jax.Array]:
+  """The MDLM/LLaDA ELBO of x_0 given the predictor hidden states (position i → token i + 1):
+  (Σ over masked tokens of CE / p, number of predictable tokens). Divided by that count it is
+  in nats per token, like the AR loss."""
+  targets_BxL, _ = next_token_targets(tokens_BxL, segment_ids_BxL)
+  scored_BxL = draws.masked_BxL.astype(jnp.float32) / draws.prob_BxL
+  weights_BxL = jnp.concatenate([scored_BxL[:, 1:], jnp.zeros_like(scored_BxL[:, :1])], axis=1)
+  total = head_cross_entropy_sum(hidden_BxLxD, head, targets_BxL, weights_BxL, chunks)
+  return total, jnp.sum(predictable(segment_ids_BxL)).astype(jnp.float32)
+
+
+def block_predictors(hidden_Bx2LxD: jax.Array, block_size: int) -> jax.Array:
+  """The predictor hidden states of block diffusion from its [x_t ; x_0] output: inside a
+  block, the noisy stream's previous position; a block's first token is predicted from the
+  clean stream's last position of the block before (what the sampler's commit forward over a
+  finished block gives). With block size 1 that is AR on x_0; with L, mdm on x_t."""
+  length = hidden_Bx2LxD.shape[1] // 2
+  noisy_BxLxD, clean_BxLxD = hidden_Bx2LxD[:, :length], hidden_Bx2LxD[:, length:]
+  ends_block_L = jnp.arange(length) % block_size == block_size - 1
+  return jnp.where(ends_block_L[None, :, None], clean_BxLxD, noisy_BxLxD)

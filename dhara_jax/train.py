@@ -18,14 +18,17 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from dhara_jax import losses
 from dhara_jax.config import Config
-from dhara_jax.model import forward_hidden, init_params, output_head
-from dhara_jax.objectives import ar_loss, logit_chunks
+from dhara_jax.losses import add_draws
+from dhara_jax.model import init_params
 from dhara_jax.optim import learning_rate, optimizer
+from dhara_jax.phases import Phase, run_phase
 from dhara_jax.sharding import axis_rules, batch_shards, batch_sharding, param_shardings
 
 State = dict[str, Any]
 Batch = dict[str, jax.Array]
+EVAL_SEED = 20_231  # held-out diffusion masks: the same in every evaluation of every run
 
 
 def state_shardings(cfg: Config, mesh: Mesh, tx: optax.GradientTransformation) -> State:
@@ -61,25 +64,25 @@ def init_state(cfg: Config, mesh: Mesh, tx: optax.GradientTransformation,
         jax.random.key(cfg.train.seed))
 
 
-def loss_sum(cfg: Config, params: Any, batch: Batch, batch_shards: int = 1
+def loss_sum(cfg: Config, params: Any, batch: Batch, batch_shards: int = 1,
+             phase: Phase | None = None, noise_rng: jax.Array | None = None
              ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
   """(loss sum + aux, (loss sum, token count)) for one microbatch spread over `batch_shards`
-  devices."""
-  tokens_BxL = batch["tokens"]
-  hidden_BxLxD, aux = forward_hidden(cfg.model, params, tokens_BxL, batch["segment_ids"],
-                                     batch.get("positions"))
-  chunks = logit_chunks(*tokens_BxL.shape, batch_shards, cfg.train.logit_chunk_tokens)
-  total, count = ar_loss(hidden_BxLxD, output_head(cfg.model, params), tokens_BxL,
-                         batch["segment_ids"], chunks)
+  devices (the batch carries its diffusion masks: `losses.add_draws`)."""
+  total, count, aux = losses.loss_sum(cfg, phase or run_phase(cfg), params, batch,
+                                      batch_shards, noise_rng)
   # The auxiliary (MoE balance) loss is per microbatch; weight it by the tokens it saw so that
   # the final division by the batch's token count leaves it at its configured weight.
   return total + aux * count, (total, count)
 
 
 def make_train_step(cfg: Config, mesh: Mesh, tx: optax.GradientTransformation,
-                    shardings: State) -> Callable[[State, Batch], tuple[State, dict]]:
-  """jit(step) over the mesh: grad accumulation over `train.grad_accum` microbatches, one
-  normalisation by the batch's token count, clipping + AdamW, metrics."""
+                    shardings: State, phase: Phase | None = None
+                    ) -> Callable[[State, Batch], tuple[State, dict]]:
+  """jit(step) over the mesh for `phase` (default: the run's objective): grad accumulation over
+  `train.grad_accum` microbatches, one normalisation by the batch's token count, clipping +
+  AdamW, metrics."""
+  phase = phase or run_phase(cfg)
   accum = cfg.train.grad_accum
   schedule = learning_rate(cfg.train)
   shards = batch_shards(mesh)
@@ -95,9 +98,13 @@ def make_train_step(cfg: Config, mesh: Mesh, tx: optax.GradientTransformation,
 
   def step(state: State, batch: Batch) -> tuple[State, dict]:
     params = state["params"]
-    micro = jax.tree.map(split_microbatches, batch)
-    grad_fn = jax.grad(functools.partial(loss_sum, cfg, batch_shards=shards),
-                       has_aux=True)
+    # Each step splits off one key for its objective (the AR loss draws nothing): the masks,
+    # drawn for the whole batch so that accumulation equals one big batch, and the noise.
+    step_rng, next_rng = jax.random.split(jax.random.wrap_key_data(state["rng"]))
+    draw_rng, noise_rng = jax.random.split(step_rng)
+    micro = jax.tree.map(split_microbatches, add_draws(cfg.model, phase, draw_rng, batch))
+    grad_fn = jax.grad(functools.partial(loss_sum, cfg, batch_shards=shards, phase=phase,
+                                         noise_rng=noise_rng), has_aux=True)
 
     def accumulate(carry, microbatch):
       grads, total, count = carry
@@ -111,8 +118,6 @@ def make_train_step(cfg: Config, mesh: Mesh, tx: optax.GradientTransformation,
     grads = jax.tree.map(lambda g: g / count, grads)
     updates, opt_state = tx.update(grads, state["opt_state"], params)
     new_params = optax.apply_updates(params, updates)
-    # Each step splits off one key for its objective; the AR loss draws no randomness.
-    _, next_rng = jax.random.split(jax.random.wrap_key_data(state["rng"]))
     new_state = {"params": new_params, "opt_state": opt_state, "step": state["step"] + 1,
                  "rng": jax.random.key_data(next_rng)}
     # param_norm lets the loop refuse to checkpoint a state that overflowed in this update.
@@ -127,17 +132,23 @@ def make_train_step(cfg: Config, mesh: Mesh, tx: optax.GradientTransformation,
   return _under_mesh(jitted, mesh)
 
 
-def make_eval_step(cfg: Config, mesh: Mesh, shardings: State) -> Callable[[Any, Batch], dict]:
-  """jit(params, batch) → {loss sum, token count} on held-out data."""
+def make_eval_step(cfg: Config, mesh: Mesh, shardings: State, phase: Phase | None = None
+                   ) -> Callable[[Any, Batch, int], dict]:
+  """jit(params, batch, index) → {loss sum, token count} of `phase`'s objective on held-out
+  data. Diffusion masks come from a fixed key per held-out batch `index`, so an evaluation is
+  comparable across steps and runs."""
+  phase = phase or run_phase(cfg)
   shards = batch_shards(mesh)
 
-  def evaluate(params: Any, batch: Batch) -> dict:
-    _, (total, count) = loss_sum(cfg, params, batch, shards)
+  def evaluate(params: Any, batch: Batch, index: jax.Array) -> dict:
+    rng = jax.random.fold_in(jax.random.key(EVAL_SEED), index)
+    batch = add_draws(cfg.model, phase, rng, batch)
+    _, (total, count) = loss_sum(cfg, params, batch, shards, phase)
     return {"loss_sum": total, "tokens": count}
 
   replicated = NamedSharding(mesh, PartitionSpec())
-  jitted = jax.jit(evaluate, in_shardings=(shardings["params"], batch_sharding(mesh)),
-                   out_shardings=replicated)
+  jitted = jax.jit(evaluate, in_shardings=(shardings["params"], batch_sharding(mesh),
+                                           replicated), out_shardings=replicated)
   return _under_mesh(jitted, mesh)
 
 
