@@ -47,6 +47,22 @@ def _train(args: argparse.Namespace) -> int:
   return 0
 
 
+def _convert(args: argparse.Namespace) -> int:
+  from pathlib import Path
+
+  from dhara_jax.convert import convert
+
+  run_dir = Path(args.run_dir or Path("runs") / f"{Path(args.ar_run).name}_diffusion")
+  summary = convert(args.ar_run, args.config, args.overrides, run_dir, args.step, args.steps,
+                    progress=not args.no_progress)
+  if summary["steps"] <= summary["start_step"]:
+    print(f"run: {run_dir} is already at step {summary['start_step']}; nothing to do")
+  else:
+    print(f"run: {run_dir}  steps {summary['start_step']}→{summary['steps']}  "
+          f"loss {summary['final_loss']}  held-out diffusion {summary['diffusion_loss']}")
+  return 0
+
+
 def _export(args: argparse.Namespace) -> int:
   from dhara_jax.runs import export_run
 
@@ -121,6 +137,20 @@ def build_parser() -> argparse.ArgumentParser:
                  help="stop at this step (the schedule still spans train.steps)")
   p.add_argument("--no-progress", action="store_true", help="no progress bar")
   p.set_defaults(func=_train)
+
+  p = sub.add_parser("convert", help="an AR run → masked diffusion (WSD over the block size; "
+                     "resumes if --run-dir has checkpoints)")
+  p.add_argument("ar_run", help="the AR run directory")
+  p.add_argument("--config", required=True, help="the conversion recipe, e.g. configs/runs/"
+                 "wsd.yaml (sections it omits come from the AR run)")
+  p.add_argument("overrides", nargs="*", help="section.key=value overrides")
+  p.add_argument("--run-dir", default=None, help="default: runs/<AR run name>_diffusion")
+  p.add_argument("--step", type=non_negative_int, default=None,
+                 help="the AR checkpoint to start from (default: its latest)")
+  p.add_argument("--steps", type=positive_int, default=None,
+                 help="stop at this step (the plan still spans the whole budget)")
+  p.add_argument("--no-progress", action="store_true", help="no progress bar")
+  p.set_defaults(func=_convert)
 
   p = sub.add_parser("export", help="a run's checkpoint → transformers directory")
   p.add_argument("run_dir")

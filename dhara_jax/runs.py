@@ -28,6 +28,28 @@ def load_run_config(run_dir: Path) -> Config:
   return config_lib.load(path)
 
 
+def saved_steps(run_dir: Path) -> list[int]:
+  """The steps of the run's checkpoints on disk, oldest first (reading makes no directory)."""
+  cfg = load_run_config(run_dir)
+  checkpoints = Checkpointer(run_dir, keep=1_000_000, async_save=False,
+                             directory=cfg.train.checkpoint_dir, create=False)
+  try:
+    return sorted(checkpoints.manager.all_steps())
+  finally:
+    checkpoints.close()
+
+
+def saved_tokenizer(run_dir: Path, step: int) -> bytes | None:
+  """The tokenizer model saved with checkpoint `step` (None for an imported run)."""
+  cfg = load_run_config(run_dir)
+  checkpoints = Checkpointer(run_dir, keep=1_000_000, async_save=False,
+                             directory=cfg.train.checkpoint_dir, create=False)
+  try:
+    return checkpoints.restore_tokenizer(step)
+  finally:
+    checkpoints.close()
+
+
 def restore_params(run_dir: Path, step: int | None = None) -> tuple[Config, Any, int]:
   """The run's config and the parameters of checkpoint `step` (default: latest), on one device."""
   cfg = dataclasses.replace(load_run_config(run_dir), mesh=SINGLE_DEVICE)
