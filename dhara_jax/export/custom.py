@@ -4,17 +4,22 @@ The PyTorch twin mirrors the JAX parameter tree, so the mapping is derived from 
 `layers_3/attn/q/kernel` → `model.layers.3.attn.q.weight` (transposed: Flax Dense kernels are
 (in, out), torch Linear weights (out, in)); norm scales and embedding tables become `weight`;
 Canon taps, short-conv taps and stacked MoE experts keep their JAX layout.
+
+Bidirectional (masked-diffusion) configs export as `DharaForMaskedDiffusion`, causal ones as
+`DharaForCausalLM`; both load with AutoModelForCausalLM, and AutoModel gives the bare decoder.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import shutil
 from pathlib import Path
 
 from flax import traverse_util
 
 from dhara_jax.config import RUNTIME_FIELDS, ModelConfig
+from dhara_jax.errors import DharaError
 from dhara_jax.export.hf import Entry, linear, same
 from dhara_jax.model import param_shapes
 
@@ -23,6 +28,12 @@ CODE_FILES = ("configuration_dhara.py", "modeling_dhara.py")
 # The PyTorch model computes in the dtype its weights are loaded in, with its own kernels.
 ARCH_FIELDS = tuple(f.name for f in dataclasses.fields(ModelConfig)
                     if f.name not in RUNTIME_FIELDS)
+# The project's one label alignment (objectives.py): logits at position i predict the token at
+# i + 1, for AR and diffusion alike; a masked token at j is read from the logits at j - 1, and a
+# document's first token is never masked. Written so a PyTorch user need not guess it.
+LABEL_ALIGNMENT = "next_token"
+
+log = logging.getLogger(__name__)
 
 
 def torch_name(path: str) -> tuple[str, bool]:
@@ -47,17 +58,32 @@ def entries(cfg: ModelConfig) -> list[Entry]:
   return out
 
 
+def hf_architecture(cfg: ModelConfig) -> str:
+  return "DharaForCausalLM" if cfg.attention == "causal" else "DharaForMaskedDiffusion"
+
+
 def config_json(cfg: ModelConfig) -> dict:
-  fields = {name: getattr(cfg, name) for name in ARCH_FIELDS}
-  return {"architectures": ["DharaForCausalLM"], "model_type": "dhara",
+  fields = {name: getattr(cfg, name) for name in ARCH_FIELDS}  # mask_token_id, mask_epsilon too
+  arch = hf_architecture(cfg)
+  if arch == "DharaForMaskedDiffusion" and cfg.mask_token_id < 0:
+    log.warning("exporting a diffusion model with mask_token_id -1 (the tokenizer's <mask>, "
+                "not resolved to an id): PyTorch users must find the mask token themselves")
+  return {"architectures": [arch], "model_type": "dhara",
           "auto_map": {"AutoConfig": "configuration_dhara.DharaConfig",
-                       "AutoModelForCausalLM": "modeling_dhara.DharaForCausalLM"},
+                       "AutoModel": "modeling_dhara.DharaModel",
+                       "AutoModelForCausalLM": f"modeling_dhara.{arch}"},
+          "label_alignment": LABEL_ALIGNMENT,
           "dhara_fields": list(ARCH_FIELDS), **fields,
           "tie_word_embeddings": cfg.tie_embeddings, "dtype": "float32",
           "bos_token_id": None, "eos_token_id": None, "pad_token_id": None}
 
 
 def config_from_json(hf: dict) -> ModelConfig:
+  # Older exports carry no label_alignment; they were written with the same one.
+  alignment = hf.get("label_alignment", LABEL_ALIGNMENT)
+  if alignment != LABEL_ALIGNMENT:
+    raise DharaError(f"import: config.json has label_alignment {alignment!r}; dhara-jax models "
+                     f"use {LABEL_ALIGNMENT!r} (logits at i predict the token at i + 1)")
   known = {f.name for f in dataclasses.fields(ModelConfig)}
   return ModelConfig(**{k: hf[k] for k in hf.get("dhara_fields", ()) if k in known})
 

@@ -3,6 +3,11 @@
 The field names and meanings are those of `dhara_jax.config.ModelConfig`; the exporter writes
 every field into config.json and lists them under `dhara_fields`, so this file holds no copy of
 the defaults. It is copied next to the weights: the checkpoint loads without dhara-jax installed.
+
+Diffusion fields: `attention` ("causal" | "bidirectional"), `mask_token_id` (the absorbing mask
+token; -1: the tokenizer's <mask>, unresolved), `mask_epsilon` (floor of the masking probability).
+`label_alignment` is "next_token": logits at position i predict the token at i + 1 (see
+modeling_dhara.py).
 """
 
 from transformers import PretrainedConfig
@@ -14,8 +19,9 @@ class DharaConfig(PretrainedConfig):
                    "num_attention_heads": "num_heads", "num_key_value_heads": "num_kv_heads",
                    "intermediate_size": "mlp_dim", "max_position_embeddings": "max_seq_len"}
 
-  def __init__(self, dhara_fields=(), **kwargs):
+  def __init__(self, dhara_fields=(), label_alignment="next_token", **kwargs):
     self.dhara_fields = list(dhara_fields)
+    self.label_alignment = label_alignment
     for name in self.dhara_fields:
       setattr(self, name, kwargs.pop(name))
     super().__init__(**kwargs)

@@ -4,8 +4,20 @@
 Module and parameter names mirror the JAX parameter tree (`layers.3.attn.q.weight` is
 `layers_3/attn/q/kernel` transposed), so the exporter's mapping is mechanical. No KV cache: each
 forward recomputes the whole sequence. Padding (attention_mask 0) and packed documents
-(`segment_ids`) behave as in JAX: tokens see only their own segment, positions restart at each
-segment, and convolution taps never cross a segment boundary.
+(`segment_ids`, 0 = padding, documents 1, 2, ...) behave as in JAX: tokens see only their own
+segment, positions restart at each segment, and convolution taps never cross a segment boundary.
+
+Classes (config.json's `auto_map` names them):
+- `DharaModel` (AutoModel): the bare decoder; `last_hidden_state` is after the final norm.
+- `DharaForCausalLM` (AutoModelForCausalLM, causal configs): next-token LM with `generate`.
+- `DharaForMaskedDiffusion` (AutoModelForCausalLM, `attention: bidirectional` configs): a masked
+  diffusion LM (LLaDA/MDLM style). Same weights and forward as DharaForCausalLM; see its
+  docstring for the mask token and the label alignment.
+
+Label alignment (config.json `label_alignment: "next_token"`, for every class): the logits at
+position i predict the token at position i + 1, as in an AR model (and as Dream / Fast-dLLM v2
+do), so a model converted from AR keeps its head's meaning. A masked token at position j is read
+from the logits at j - 1; the first token of each document is never masked.
 """
 
 import math
@@ -14,9 +26,20 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
-from transformers.modeling_outputs import CausalLMOutput
+from transformers.modeling_outputs import BaseModelOutput, CausalLMOutput
 
 from .configuration_dhara import DharaConfig
+
+
+def resolve_segment_ids(input_ids, attention_mask, segment_ids):
+  """Segment ids with padding as 0: given ones (padding where attention_mask is 0 as well),
+  else the attention mask (one document per row), else all ones."""
+  if segment_ids is None:
+    return (torch.ones_like(input_ids) if attention_mask is None
+            else attention_mask.to(input_ids.dtype))
+  if attention_mask is not None:
+    segment_ids = segment_ids * attention_mask.to(segment_ids.dtype)
+  return segment_ids
 
 
 def segment_positions(segment_ids):
@@ -295,9 +318,7 @@ class DharaModel(DharaPreTrainedModel):
     self.post_init()
 
   def forward(self, input_ids, attention_mask=None, segment_ids=None, position_ids=None):
-    if segment_ids is None:
-      segment_ids = (torch.ones_like(input_ids) if attention_mask is None
-                     else attention_mask.to(input_ids.dtype))
+    segment_ids = resolve_segment_ids(input_ids, attention_mask, segment_ids)
     if position_ids is None:
       position_ids = segment_positions(segment_ids)
     config = self.config
@@ -311,12 +332,22 @@ class DharaModel(DharaPreTrainedModel):
              "L": segment_mask(segment_ids, causal, config.sliding_window)}
     for layer in self.layers:
       x = layer(x, position_ids, masks, segment_ids)
-    return self.final_norm(x)
+    return BaseModelOutput(last_hidden_state=self.final_norm(x))
+
+
+DIFFUSION_GENERATE = (
+    "generate is not provided for masked-diffusion (bidirectional) Dhara models yet: it would run "
+    "left-to-right AR decoding, which this model was not trained for. Sample by iterative "
+    "unmasking with the logits of forward() (a diffusion sampler is planned).")
 
 
 class DharaForCausalLM(DharaPreTrainedModel, GenerationMixin):
-  """Causal LM head over DharaModel. For bidirectional (diffusion) configs the logits at each
-  position predict that position's token; `labels` then give the loss without a shift."""
+  """Next-token LM head over DharaModel.
+
+  `labels` (the input tokens, -100 where no loss is wanted) are shifted as in every causal LM:
+  logits[:, i] are scored against labels[:, i + 1], never across a document boundary or onto
+  padding. The loss is the plain mean cross-entropy over the scored tokens.
+  """
 
   _tied_weights_keys = {"lm_head.weight": "model.embed.weight"}
 
@@ -334,20 +365,46 @@ class DharaForCausalLM(DharaPreTrainedModel, GenerationMixin):
 
   def forward(self, input_ids=None, attention_mask=None, segment_ids=None, position_ids=None,
               labels=None, **kwargs):
-    hidden = self.model(input_ids, attention_mask, segment_ids, position_ids)
+    hidden = self.model(input_ids, attention_mask, segment_ids, position_ids).last_hidden_state
     logits = self.lm_head(hidden).float()
     if self.config.final_logit_softcap:
       cap = self.config.final_logit_softcap
       logits = cap * torch.tanh(logits / cap)
     loss = None
     if labels is not None:
-      if self.config.attention == "causal":
-        logits_for_loss, labels = logits[:, :-1], labels[:, 1:]
-      else:
-        logits_for_loss = logits
-      loss = F.cross_entropy(logits_for_loss.reshape(-1, logits.shape[-1]), labels.reshape(-1),
+      # Next-token alignment for causal and diffusion configs alike (module docstring).
+      segments = resolve_segment_ids(input_ids, attention_mask, segment_ids)
+      same_doc = (segments[:, 1:] == segments[:, :-1]) & (segments[:, 1:] > 0)
+      targets = labels[:, 1:].masked_fill(~same_doc, -100)
+      loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), targets.reshape(-1),
                              ignore_index=-100)
     return CausalLMOutput(loss=loss, logits=logits)
 
   def prepare_inputs_for_generation(self, input_ids, attention_mask=None, **kwargs):
     return {"input_ids": input_ids, "attention_mask": attention_mask}
+
+  def generate(self, *args, **kwargs):
+    # GenerationMixin would decode left to right on a bidirectional model without a word.
+    if self.config.attention != "causal":
+      raise NotImplementedError(DIFFUSION_GENERATE)
+    return super().generate(*args, **kwargs)
+
+
+class DharaForMaskedDiffusion(DharaForCausalLM):
+  """Masked-diffusion LM (LLaDA/MDLM style) over DharaModel: the class of `attention:
+  bidirectional` exports. One forward with DharaForCausalLM; only the use differs.
+
+  - Attention is bidirectional over the whole input: every token sees every token of its own
+    document (segment), before and after it. Canon and short-conv taps stay causal.
+  - `config.mask_token_id` is the absorbing mask token: replace the tokens to predict with it
+    (-1 would mean "the tokenizer's <mask>", left unresolved at export). `config.mask_epsilon`
+    is the floor of the training masking probability, p = (1 - eps) t + eps.
+  - Labels are shifted (`config.label_alignment == "next_token"`): a masked token at position j
+    is predicted by logits[:, j - 1]; the first token of a document is never masked, so give
+    every sequence at least one clean first token (a BOS or the prompt). `labels` work as in
+    DharaForCausalLM: pass the clean tokens with -100 wherever the input is not masked; the
+    loss is the plain mean cross-entropy (no 1/t weighting, which is the trainer's business).
+
+  `generate` is not provided yet (a diffusion sampler is a later addition): it raises
+  NotImplementedError rather than decoding left to right.
+  """
