@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# Issue 5's accelerator check as one command (about 6 minutes on one H100/H200):
+# The accelerator check as one command (about 8 minutes on one H100/H200):
 #   bash bench/gpu_check.sh      (logs under $OUT, or ./gpu_check/ when OUT is unset)
 # 1. the devices JAX sees; 2. FlashAttention (Pallas GPU) against the XLA attention: agreement
 # and speed at the Dhara-70M attention shape; 3. tokens/s and MFU of the Dhara-70M AR config
-# with each attention kernel; 4. the Canon conv kernels' GB/s. The bench scripts need only jax,
+# with each attention kernel; 4. the Canon conv kernels' GB/s; 5. the mdm and block-diffusion
+# train steps' tokens/s and MFU on that config. The bench scripts need only jax,
 # flax, optax, numpy, pyyaml and safetensors (no dataset, tokenizer or install of this repo);
 # checked at toy sizes on CPU with jax 0.10.2 and with jax 0.11.2 + flax 0.12.12 (Python 3.12).
 set -u -o pipefail
@@ -26,3 +27,8 @@ step attention 120 "$python" bench/attention_kernel.py --batch 8 64
 step mfu_flash 150 "$python" bench/train_mfu.py --steps 10 model.attention_impl=pallas_gpu
 step mfu_xla 150 "$python" bench/train_mfu.py --steps 10 model.attention_impl=xla
 step canon 90 "$python" bench/canon_kernel.py --batch 8 64 --dtype bfloat16
+# 5. the diffusion objectives' train steps on the same config (block counts its 2L tokens).
+step mfu_mdm 150 "$python" bench/train_mfu.py --steps 10 train.objective=mdm \
+  model.attention=bidirectional model.mask_token_id=50256
+step mfu_block 150 "$python" bench/train_mfu.py --steps 10 train.objective=block \
+  train.block_size=32 model.mask_token_id=50256

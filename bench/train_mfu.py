@@ -7,6 +7,9 @@ MFU = model FLOPs/token (as `dhara params` counts them, at data.seq_len) × toke
 devices' dense bf16 peak (table in dhara_jax/metrics.py; none for CPUs).
 
   python bench/train_mfu.py [--config configs/runs/dhara_70m_ar.yaml --steps 10] [key=value ...]
+  python bench/train_mfu.py train.objective=mdm model.attention=bidirectional \
+      model.mask_token_id=50256                       # masked diffusion (Dhara-70M's keys)
+  python bench/train_mfu.py train.objective=block train.block_size=32 model.mask_token_id=50256
 """
 
 from __future__ import annotations
@@ -39,9 +42,15 @@ def main() -> None:
         f"{jax.device_count()} × {device.device_kind}, attention "
         f"{attention.resolve_impl(cfg.model.attention_impl)}")
   seconds = seconds_per_call(jax_train_step(cfg, tokens, cfg.mesh), args.steps)
-  tokens_per_second = batch * length / seconds
+  # Block diffusion runs the model over [x_t ; x_0]: it computes two tokens per data token
+  # (its attention over 2L keys is masked to about the same work per token).
+  computed = 2 if cfg.train.objective == "block" else 1
+  tokens_per_second = computed * batch * length / seconds
   flops_per_token = count_params(cfg.model, length)["flops_per_token"]
   utilisation = mfu(flops_per_token, tokens_per_second)
+  print(f"objective {cfg.train.objective}"
+        + (f" (block {cfg.train.block_size}: tok/s and MFU count the {computed}× tokens it "
+           "computes)" if computed > 1 else ""))
   print(f"{tokens_per_second:,.0f} tok/s ({seconds:.3f} s/step), "
         f"{flops_per_token / 1e6:,.0f} MFLOP/token, "
         f"{flops_per_token * tokens_per_second / 1e12 / jax.device_count():.1f} TFLOP/s per device")

@@ -1,4 +1,5 @@
-"""`dhara plot RUN_DIR`: loss / held-out loss and learning-rate curves as PNG."""
+"""`dhara plot RUN_DIR`: loss / held-out loss (and diffusion loss, conversion stages) and
+learning-rate curves as PNG."""
 
 from __future__ import annotations
 
@@ -28,6 +29,14 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
   if evals:
     ax_loss.plot([r["step"] for r in evals], [r["eval_loss"] for r in evals], "o-",
                  label="held-out")
+  diffusion = [r for r in rows if "diffusion_loss" in r]
+  if diffusion and any(r["diffusion_loss"] != r.get("eval_loss") for r in diffusion):
+    ax_loss.plot([r["step"] for r in diffusion], [r["diffusion_loss"] for r in diffusion], "s-",
+                 label="held-out diffusion (mdm ELBO)")
+  for step, stage in _stage_starts(trained):  # a conversion's warmup / stable / decay blocks
+    ax_loss.axvline(step - 0.5, color="grey", linewidth=0.5)
+    ax_loss.annotate(stage, (step, 1.0), xycoords=("data", "axes fraction"), fontsize=7,
+                     rotation=90, va="top")
   ax_loss.set(xlabel="step", ylabel="loss (nats/token)", title=run_dir.name)
   ax_loss.legend()
   ax_lr.plot([r["step"] for r in trained], [r["lr"] for r in trained])
@@ -40,3 +49,14 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
   finally:
     plt.close(fig)
   return out
+
+
+def _stage_starts(rows: list[dict]) -> list[tuple[int, str]]:
+  """(first step, `phase@block_size`) of each stage of a run whose rows name them."""
+  starts, previous = [], None
+  for r in rows:
+    stage = f"{r['phase']}@{r['block_size']}" if "phase" in r else None
+    if stage is not None and stage != previous:
+      starts.append((r["step"], stage))
+    previous = stage
+  return starts

@@ -4,7 +4,10 @@
 2. Train a tiny LLaMA3-Canon with the AR objective (held-out loss before and after).
 3. Sample a continuation.
 4. Export to PyTorch (custom code: Canon) and compare logits; import back bit-exactly.
-5. Write OUT/summary.json and OUT/loss_curve.png.
+5. Convert it to a masked-diffusion model (`dhara convert`, a short WSD ladder): held-out
+   diffusion loss of an untrained model, of the AR model and of the converted one; export the
+   diffusion model with a parity check.
+6. Write OUT/summary.json and OUT/loss_curve.png.
 
 Run again with the same OUT, it resumes (a finished run trains no further).
 """
@@ -21,6 +24,7 @@ import numpy as np
 
 from dhara_jax import config as config_lib
 from dhara_jax import loop
+from dhara_jax.convert import convert
 from dhara_jax.errors import DharaError
 from dhara_jax.export import export_hf, import_hf
 from dhara_jax.export.parity import load_torch_model, torch_logits
@@ -30,6 +34,7 @@ from dhara_jax.model import forward
 from dhara_jax.plot import plot_run
 
 CONFIG = "configs/runs/quickstart.yaml"
+CONVERT_CONFIG = "configs/runs/quickstart_convert.yaml"
 PROMPT = "The history of science"
 # Max |Δlogit| between JAX and transformers, both float32. The trained model's attention scores
 # reach ~100, so its logits move by ~1e-4 when a matmul sums in another order: torch's CPU
@@ -50,10 +55,10 @@ def run(out_dir: str | Path, config: str = CONFIG, overrides: tuple[str, ...] = 
   if tokenizer_path.is_file():
     tokenizer = load_tokenizer(tokenizer_path)
   else:
-    log("1/5 tokenizer: SentencePiece BPE on the shipped mix")
+    log("1/6 tokenizer: SentencePiece BPE on the shipped mix")
     tokenizer = train_tokenizer(cfg.data, cfg.model, log=lambda line: log(f"    {line}"))
 
-  log(f"2/5 training {cfg.model.family} (canon {cfg.model.canon_set or '-'}), "
+  log(f"2/6 training {cfg.model.family} (canon {cfg.model.canon_set or '-'}), "
       f"{cfg.train.steps} steps of {cfg.data.batch_size}×{cfg.data.seq_len} tokens")
   result = loop.run(cfg, out / "run")
   params = jax.device_get(result["state"]["params"])
@@ -62,29 +67,35 @@ def run(out_dir: str | Path, config: str = CONFIG, overrides: tuple[str, ...] = 
   if len(evals) < 2:
     raise DharaError("quickstart: the run has no held-out losses to compare")
 
-  log("3/5 sampling")
+  log("3/6 sampling")
   ids = generate(cfg.model, params, tokenizer.encode(PROMPT).tolist(), max_new_tokens=48,
                  temperature=0.8, seed=cfg.train.seed)
   sample = PROMPT + tokenizer.decode(ids)
   log(f"    {sample!r}")
 
-  log("4/5 export to PyTorch and back")
-  hf_dir = export_hf(cfg.model, params, out / "hf")
+  log("4/6 export to PyTorch and back")
   batch = next(make_eval_iterator(dataclasses.replace(cfg.data, batch_size=2),
                                   tokenizer=tokenizer))
-  # Full f32 matmuls: on GPU, JAX's default f32 precision is TF32, far from torch-on-CPU.
-  with jax.default_matmul_precision("highest"):
-    ours = np.asarray(forward(cfg.model, params, batch["tokens"])[0])
-  theirs = torch_logits(load_torch_model(hf_dir), batch["tokens"])
-  max_diff = float(np.max(np.abs(ours - theirs)))
-  cfg_back, params_back = import_hf(hf_dir)
-  exact = config_lib.architecture(cfg_back) == config_lib.architecture(cfg.model) and all(
-      np.array_equal(np.asarray(a), np.asarray(b))
-      for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(params_back)))
+  export = export_with_parity(cfg.model, params, out / "hf", batch)
 
-  log("5/5 summary")
+  log("5/6 converting to masked diffusion (WSD over the block size)")
+  untrained = untrained_diffusion_loss(cfg, tokenizer.mask_id)
+  # The AR run's train.* overrides are not the conversion's (its steps come from its budget).
+  converted = convert(out / "run", CONVERT_CONFIG,
+                      [o for o in overrides if not o.startswith("train.")], out / "diffusion")
+  conversion_rows = read_metrics(out / "diffusion")
+  diffusion_cfg = config_lib.load(out / "diffusion" / "config.yaml")
+  diffusion_export = export_with_parity(
+      diffusion_cfg.model, jax.device_get(converted["state"]["params"]), out / "hf_diffusion",
+      batch)
+
+  log("6/6 summary")
   curve = plot_run(out / "run", out / "loss_curve.png")
   trained = [r for r in rows if "loss" in r]
+  diffusion = {"untrained": untrained, "ar_model": conversion_rows[0]["diffusion_loss"],
+               "converted": converted["diffusion_loss"],
+               "steps": converted["steps"], "stages": _stages(conversion_rows),
+               "averaged_steps": conversion_rows[-1].get("averaged_steps", [])}
   summary = {
       "config": config, "model": dataclasses.asdict(cfg.model),
       "tokenizer": {"path": str(tokenizer_path), "vocab_size": tokenizer.vocab_size},
@@ -94,17 +105,67 @@ def run(out_dir: str | Path, config: str = CONFIG, overrides: tuple[str, ...] = 
       "held_out_loss_fell": evals[-1] < evals[0],
       "tokens_per_second": float(np.median([r["tokens_per_second"] for r in trained])),
       "sample": sample,
-      "export": {"dir": str(hf_dir), "max_abs_logit_diff": max_diff,
-                 "parity_ok": max_diff <= PARITY_TOLERANCE, "import_exact": exact},
+      "export": export,
+      "diffusion_loss": diffusion,
+      "diffusion_loss_fell": diffusion["converted"] < min(diffusion["ar_model"],
+                                                          diffusion["untrained"]),
+      "diffusion_export": diffusion_export,
       "loss_curve": str(curve), "seconds": round(time.perf_counter() - started, 1),
   }
   summary["failed"] = failed_checks(summary)
   summary["ok"] = not summary["failed"]
   (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
   log(f"    held-out loss {evals[0]:.3f} → {evals[-1]:.3f}; export max |Δlogit| "
-      f"{max_diff:.1e}; import {'bit-exact' if exact else 'DIFFERS'}; "
-      f"{summary['seconds']}s")
+      f"{export['max_abs_logit_diff']:.1e}; import "
+      f"{'bit-exact' if export['import_exact'] else 'DIFFERS'}")
+  log(f"    held-out diffusion loss: untrained {untrained:.3f}, AR model "
+      f"{diffusion['ar_model']:.3f}, converted {diffusion['converted']:.3f}; diffusion export "
+      f"max |Δlogit| {diffusion_export['max_abs_logit_diff']:.1e}; {summary['seconds']}s")
   return summary
+
+
+def export_with_parity(model: config_lib.ModelConfig, params, out: Path, batch: dict) -> dict:
+  """Exports, reloads in PyTorch and compares logits on `batch`; imports back."""
+  hf_dir = export_hf(model, params, out)
+  # Full f32 matmuls: on GPU, JAX's default f32 precision is TF32, far from torch-on-CPU.
+  with jax.default_matmul_precision("highest"):
+    ours = np.asarray(forward(model, params, batch["tokens"])[0])
+  theirs = torch_logits(load_torch_model(hf_dir), batch["tokens"])
+  max_diff = float(np.max(np.abs(ours - theirs)))
+  model_back, params_back = import_hf(hf_dir)
+  exact = config_lib.architecture(model_back) == config_lib.architecture(model) and all(
+      np.array_equal(np.asarray(a), np.asarray(b))
+      for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(params_back)))
+  return {"dir": str(hf_dir), "max_abs_logit_diff": max_diff,
+          "parity_ok": max_diff <= PARITY_TOLERANCE, "import_exact": exact}
+
+
+def untrained_diffusion_loss(cfg: config_lib.Config, mask_token_id: int) -> float:
+  """The held-out diffusion loss (the mdm ELBO, fixed masks) of a freshly initialised
+  diffusion model of the quickstart's architecture: the floor a conversion must beat."""
+  from data_pipeline import make_eval_iterator
+  from dhara_jax.phases import Phase
+  from dhara_jax.sharding import make_mesh
+  from dhara_jax.train import build, init_state, make_eval_step
+
+  model = dataclasses.replace(cfg.model, attention="bidirectional",
+                              mask_token_id=mask_token_id)
+  cfg = dataclasses.replace(cfg, model=model)
+  mesh = make_mesh(cfg.mesh)
+  tx, shardings = build(cfg, mesh)
+  params = init_state(cfg, mesh, tx, shardings)["params"]
+  step = make_eval_step(cfg, mesh, shardings, Phase("mdm"))
+  batches = make_eval_iterator(cfg.data, mesh)
+  return loop.evaluate(step, params, batches, cfg.train.eval_batches)
+
+
+def _stages(rows: list[dict]) -> list[str]:
+  """The conversion's stages in order, as `name@block_size`."""
+  out = []
+  for r in rows:
+    if "phase" in r and (not out or out[-1] != f"{r['phase']}@{r['block_size']}"):
+      out.append(f"{r['phase']}@{r['block_size']}")
+  return out
 
 
 def failed_checks(summary: dict) -> list[str]:
@@ -119,4 +180,15 @@ def failed_checks(summary: dict) -> list[str]:
                   f"(tolerance {PARITY_TOLERANCE:.0e})")
   if not export["import_exact"]:
     failed.append("importing the export did not give back the same config and params")
+  diffusion, diffusion_export = summary["diffusion_loss"], summary["diffusion_export"]
+  if not summary["diffusion_loss_fell"]:
+    failed.append(f"the converted model's held-out diffusion loss {diffusion['converted']:.4f} "
+                  f"is not below the AR model's {diffusion['ar_model']:.4f} and an untrained "
+                  f"one's {diffusion['untrained']:.4f}")
+  if not diffusion_export["parity_ok"]:
+    failed.append(f"the exported diffusion model's PyTorch logits differ by "
+                  f"{diffusion_export['max_abs_logit_diff']:.2e} (tolerance "
+                  f"{PARITY_TOLERANCE:.0e})")
+  if not diffusion_export["import_exact"]:
+    failed.append("importing the diffusion export did not give back the same config and params")
   return failed

@@ -25,6 +25,12 @@ def test_quickstart_cli_end_to_end(tmp_path):
   assert summary["sample"].startswith("The history of science")
   assert (tmp_path / "loss_curve.png").is_file() and (tmp_path / "hf" / "modeling_dhara.py").is_file()
   assert summary["tokenizer"]["vocab_size"] == 4096
+  diffusion = summary["diffusion_loss"]  # the conversion (its own budget: 30% of AR's tokens)
+  assert diffusion["converted"] < min(diffusion["ar_model"], diffusion["untrained"])
+  assert diffusion["stages"] == ["warmup@1", "warmup@16", "stable@128", "decay@64", "decay@32"]
+  assert summary["diffusion_export"]["parity_ok"] and summary["diffusion_export"]["import_exact"]
+  config = json.loads((tmp_path / "hf_diffusion" / "config.json").read_text())
+  assert config["architectures"] == ["DharaForMaskedDiffusion"] and config["mask_token_id"] == 4
 
 
 def test_quickstart_unwritable_out_is_one_line(tmp_path):
@@ -38,12 +44,21 @@ def test_quickstart_unwritable_out_is_one_line(tmp_path):
 
 
 def test_failed_checks_name_each_failure_with_its_numbers():
+  good_export = {"max_abs_logit_diff": 3e-6, "parity_ok": True, "import_exact": True}
   passing = {"held_out_loss": {"before": 8.3, "after": 6.2}, "held_out_loss_fell": True,
-             "export": {"max_abs_logit_diff": 3e-6, "parity_ok": True, "import_exact": True}}
+             "export": good_export, "diffusion_export": good_export,
+             "diffusion_loss": {"untrained": 8.4, "ar_model": 7.3, "converted": 6.6},
+             "diffusion_loss_fell": True}
   assert failed_checks(passing) == []
+  bad_export = {"max_abs_logit_diff": 0.25, "parity_ok": False, "import_exact": False}
   failing = {"held_out_loss": {"before": 8.3, "after": float("nan")}, "held_out_loss_fell": False,
-             "export": {"max_abs_logit_diff": 0.25, "parity_ok": False, "import_exact": False}}
-  held_out, parity, imported = failed_checks(failing)
+             "export": bad_export, "diffusion_export": bad_export,
+             "diffusion_loss": {"untrained": 8.4, "ar_model": 7.3, "converted": 7.5},
+             "diffusion_loss_fell": False}
+  held_out, parity, imported, diffusion, diffusion_parity, diffusion_import = (
+      failed_checks(failing))
   assert "did not fall" in held_out and "8.3000" in held_out and "nan" in held_out
   assert "2.50e-01" in parity and f"{PARITY_TOLERANCE:.0e}" in parity
   assert "import" in imported
+  assert "7.5000" in diffusion and "7.3000" in diffusion and "8.4000" in diffusion
+  assert "diffusion model" in diffusion_parity and "diffusion export" in diffusion_import
