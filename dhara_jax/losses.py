@@ -20,8 +20,6 @@ from dhara_jax.objectives import (MaskDraws, ar_loss, block_predictors, diffusio
 from dhara_jax.phases import Phase
 
 Batch = dict[str, jax.Array]
-# Draws added to a batch by `add_draws`, split into microbatches with the tokens.
-DRAW_KEYS = ("masked", "mask_prob")
 
 
 def add_draws(cfg: ModelConfig, phase: Phase, rng: jax.Array, batch: Batch) -> Batch:
@@ -49,25 +47,17 @@ def _ar(model, phase, params, batch, chunks, noise_rng):
   return total, count, aux
 
 
-def _mdm(model, phase, params, batch, chunks, noise_rng):
+def _diffusion(model, phase, params, batch, chunks, noise_rng):
+  """mdm over x_t, or block diffusion over [x_t ; x_0] with its predictor positions."""
   draws = MaskDraws(batch["masked"], batch["mask_prob"])
   x_t = noisy_tokens(batch["tokens"], draws, model.mask_token_id)
-  hidden_BxLxD, aux = forward_hidden(model, _with_mask_noise(model, phase, params, noise_rng),
-                                     x_t, batch["segment_ids"], batch.get("positions"))
-  total, count = diffusion_loss(hidden_BxLxD, output_head(model, params), batch["tokens"],
-                                batch["segment_ids"], draws, chunks)
-  return total, count, aux
-
-
-def _block(model, phase, params, batch, chunks, noise_rng):
-  draws = MaskDraws(batch["masked"], batch["mask_prob"])
-  x_t = noisy_tokens(batch["tokens"], draws, model.mask_token_id)
-  hidden_Bx2LxD, aux = forward_hidden(
-      model, _with_mask_noise(model, phase, params, noise_rng),
-      jnp.concatenate([x_t, batch["tokens"]], axis=1), batch["segment_ids"],
-      batch.get("positions"), block_size=phase.block_size)
-  total, count = diffusion_loss(block_predictors(hidden_Bx2LxD, phase.block_size),
-                                output_head(model, params), batch["tokens"],
+  block_size = phase.block_size if phase.objective == "block" else 0
+  inputs = jnp.concatenate([x_t, batch["tokens"]], axis=1) if block_size else x_t
+  hidden, aux = forward_hidden(model, _with_mask_noise(model, phase, params, noise_rng), inputs,
+                               batch["segment_ids"], batch.get("positions"),
+                               block_size=block_size)
+  predictors_BxLxD = block_predictors(hidden, block_size) if block_size else hidden
+  total, count = diffusion_loss(predictors_BxLxD, output_head(model, params), batch["tokens"],
                                 batch["segment_ids"], draws, chunks)
   return total, count, aux
 
@@ -85,4 +75,4 @@ def _with_mask_noise(model: ModelConfig, phase: Phase, params: Any,
   return {**params, "embed": embed}
 
 
-OBJECTIVES: dict[str, Callable] = {"ar": _ar, "mdm": _mdm, "block": _block}
+OBJECTIVES: dict[str, Callable] = {"ar": _ar, "mdm": _diffusion, "block": _diffusion}
