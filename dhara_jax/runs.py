@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import jax
 import yaml
@@ -28,45 +29,42 @@ def load_run_config(run_dir: Path) -> Config:
   return config_lib.load(path)
 
 
-def saved_steps(run_dir: Path) -> list[int]:
-  """The steps of the run's checkpoints on disk, oldest first (reading makes no directory)."""
+@contextlib.contextmanager
+def read_checkpoints(run_dir: Path) -> Iterator[tuple[Config, Checkpointer]]:
+  """The run's config and its checkpoints where it saved them (`train.checkpoint_dir`, if set),
+  opened for reading: no directory is made."""
   cfg = load_run_config(run_dir)
   checkpoints = Checkpointer(run_dir, keep=1_000_000, async_save=False,
                              directory=cfg.train.checkpoint_dir, create=False)
   try:
-    return sorted(checkpoints.manager.all_steps())
+    yield cfg, checkpoints
   finally:
     checkpoints.close()
+
+
+def saved_steps(run_dir: Path) -> list[int]:
+  """The steps of the run's checkpoints on disk, oldest first."""
+  with read_checkpoints(run_dir) as (_, checkpoints):
+    return sorted(checkpoints.manager.all_steps())
 
 
 def saved_tokenizer(run_dir: Path, step: int) -> bytes | None:
   """The tokenizer model saved with checkpoint `step` (None for an imported run)."""
-  cfg = load_run_config(run_dir)
-  checkpoints = Checkpointer(run_dir, keep=1_000_000, async_save=False,
-                             directory=cfg.train.checkpoint_dir, create=False)
-  try:
+  with read_checkpoints(run_dir) as (_, checkpoints):
     return checkpoints.restore_tokenizer(step)
-  finally:
-    checkpoints.close()
 
 
 def restore_params(run_dir: Path, step: int | None = None) -> tuple[Config, Any, int]:
   """The run's config and the parameters of checkpoint `step` (default: latest), on one device."""
-  cfg = dataclasses.replace(load_run_config(run_dir), mesh=SINGLE_DEVICE)
-  # Where the run saved them (train.checkpoint_dir, if set); reading makes no directory.
-  checkpoints = Checkpointer(run_dir, keep=1_000_000, async_save=False,
-                             directory=cfg.train.checkpoint_dir, create=False)
-  latest = checkpoints.latest_step()
-  if latest is None:
-    checkpoints.close()
-    raise DharaError(f"run: {run_dir} has no checkpoint yet")
-  step = latest if step is None else step
-  mesh = make_mesh(cfg.mesh, jax.devices()[:1])
-  tx, shardings = build(cfg, mesh)
-  try:
+  with read_checkpoints(run_dir) as (cfg, checkpoints):
+    cfg = dataclasses.replace(cfg, mesh=SINGLE_DEVICE)
+    latest = checkpoints.latest_step()
+    if latest is None:
+      raise DharaError(f"run: {run_dir} has no checkpoint yet")
+    step = latest if step is None else step
+    mesh = make_mesh(cfg.mesh, jax.devices()[:1])
+    tx, shardings = build(cfg, mesh)
     state = checkpoints.restore(step, abstract_state(cfg, tx, shardings), None)
-  finally:
-    checkpoints.close()
   return cfg, state["params"], step
 
 
