@@ -301,9 +301,10 @@ def _loop(cfg: Config, mesh: Mesh, tx: Any, shardings: Any, state: Any, data: Da
       if step == plan.stages[-1].last_step and plan.average_top_k:
         state, averaged = _average_best(cfg, tx, shardings, checkpoints, state, step, score,
                                         plan.average_top_k)
-        if evaluating:
+        row["averaged_steps"] = averaged
+        if evaluating:  # the average's own held-out losses
           evals = held_out(state["params"], stage.phase)
-        row.update({"averaged_steps": averaged, **{f"averaged_{k}": v for k, v in evals.items()}})
+          row.update({f"averaged_{k}": v for k, v in evals.items()})
         score = None  # the average is no candidate
       metrics.write(row)
       row = None
