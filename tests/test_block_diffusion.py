@@ -279,24 +279,27 @@ def test_blocked_attention_equals_full_masked_attention(length, block_size, wind
     np.testing.assert_allclose(np.asarray(g), np.asarray(w), atol=1e-5)
 
 
-def _attend_twice(impl, q, k, v, mask, seg, block_size, caplog):
+def _attend_twice_in_block_mode(impl, caplog):
+  """Attention by `impl` twice in block mode (L 64, b 16: 2L = 128 is one whole flash block,
+  so only block mode can stop a flash kernel): its last output, the xla path's, and the
+  warnings `impl` logged."""
+  length, block_size = 64, 16
+  q, k, v = _qkv(2 * length)
+  seg = jnp.asarray(packed_segments(length))
+  mask = block_diffusion_mask(seg, block_size)
   with caplog.at_level(logging.WARNING, logger=lowering.__name__):
     outs = [attend(impl, q, k, v, mask, seg, scale=0.25, causal=True, window=0,
                    block_size=block_size) for _ in range(2)]
   warnings = [r.getMessage() for r in caplog.records if f"attention: {impl}" in r.getMessage()]
-  return jax.block_until_ready(outs[-1]), warnings
+  want = blocked_attention(q, k, v, mask, 0.25, True, 0, block_size)
+  return np.asarray(jax.block_until_ready(outs[-1])), np.asarray(want), warnings
 
 
 def test_gpu_flash_kernel_warns_once_and_runs_xla_in_block_mode(interpret_pallas, caplog):
   """Pallas GPU's mha takes only causal/full masks over segment ids: block mode runs xla."""
   lowering._warned.clear()
-  length, block_size = 64, 16  # 2L = 128: one whole flash block, so only block mode stops it
-  q, k, v = _qkv(2 * length)
-  seg = jnp.asarray(packed_segments(length))
-  mask = block_diffusion_mask(seg, block_size)
-  got, warnings = _attend_twice("pallas_gpu", q, k, v, mask, seg, block_size, caplog)
-  np.testing.assert_array_equal(np.asarray(got), np.asarray(
-      blocked_attention(q, k, v, mask, 0.25, True, 0, block_size)))
+  got, want, warnings = _attend_twice_in_block_mode("pallas_gpu", caplog)
+  np.testing.assert_array_equal(got, want)
   assert len(warnings) == 1 and "block-diffusion mask" in warnings[0] and "xla" in warnings[0]
 
 
@@ -305,13 +308,8 @@ def test_tpu_flash_kernel_that_does_not_lower_warns_once_and_runs_xla(monkeypatc
   monkeypatch.delenv(lowering.INTERPRET_ENV_VAR, raising=False)
   lowering._warned.clear()
   attention_kernels._lowers.cache_clear()
-  length, block_size = 64, 16
-  q, k, v = _qkv(2 * length)
-  seg = jnp.asarray(packed_segments(length))
-  mask = block_diffusion_mask(seg, block_size)
-  got, warnings = _attend_twice("pallas_tpu", q, k, v, mask, seg, block_size, caplog)
-  np.testing.assert_array_equal(np.asarray(got), np.asarray(
-      blocked_attention(q, k, v, mask, 0.25, True, 0, block_size)))
+  got, want, warnings = _attend_twice_in_block_mode("pallas_tpu", caplog)
+  np.testing.assert_array_equal(got, want)
   assert len(warnings) == 1 and "does not lower" in warnings[0] and "xla" in warnings[0]
 
 
