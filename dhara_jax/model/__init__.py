@@ -10,7 +10,9 @@ import jax.numpy as jnp
 
 from dhara_jax.config import ModelConfig
 from dhara_jax.kernels import attention as attention_kernels
+from dhara_jax.model.cache import Decode
 from dhara_jax.model.canon import conv_impl
+from dhara_jax.model.layers import matmul, soft_cap
 from dhara_jax.model.transformer import Transformer
 
 Params = dict[str, Any]
@@ -57,6 +59,38 @@ def forward_hidden(cfg: ModelConfig, params: Params, tokens_BxL: jax.Array,
   """`forward` without the output head: (final hidden states B×L×D in the compute dtype,
   auxiliary loss; B×2L×D with `block_size` > 0). `output_head` gives the head."""
   return _apply(cfg, params, tokens_BxL, segment_ids_BxL, positions_BxL, False, block_size)
+
+
+Cache = dict[str, Any]
+
+
+def init_cache(cfg: ModelConfig, batch: int, length: int, dtype: Any = None) -> Cache:
+  """An empty generation cache for `batch` rows of `length` slots (model/cache.py): keys and
+  values per attention layer, the last K−1 inputs per convolution; in the compute dtype."""
+  decode = Decode(jnp.zeros((), jnp.int32), jnp.zeros((batch,), jnp.int32), length)
+  shapes = jax.eval_shape(lambda p: forward_cached(cfg, p, jnp.zeros((batch, 1), jnp.int32),
+                                                   {}, decode)[1], param_shapes(cfg))
+  return jax.tree.map(lambda s: jnp.zeros(s.shape, dtype or s.dtype), shapes)
+
+
+def forward_cached(cfg: ModelConfig, params: Params, tokens_BxC: jax.Array, cache: Cache,
+                   decode: Decode, head: bool = True) -> tuple[jax.Array, Cache]:
+  """(logits B×C×V float32, the cache with this chunk's keys, values and conv tails written):
+  a chunk of tokens against the generation cache. A caller that must not commit the chunk
+  (a diffusion step) keeps the cache it passed in. `head=False` gives the final hidden states
+  instead, for `apply_head` on only the rows a sampler reads."""
+  out, state = Transformer(cfg).apply({"params": params, "cache": cache}, tokens_BxC,
+                                      head=head, decode=decode,
+                                      mutable=["cache", "intermediates"])
+  return out, state["cache"]
+
+
+def apply_head(cfg: ModelConfig, params: Params, hidden_BxNxD: jax.Array) -> jax.Array:
+  """Logits B×N×V (float32) of final hidden states: the Transformer's own head."""
+  h = output_head(cfg, params)
+  flat_NxD = hidden_BxNxD.reshape(-1, hidden_BxNxD.shape[-1]).astype(jnp.dtype(cfg.dtype))
+  logits = matmul(flat_NxD, h.kernel, jnp.float32, kernel_transposed=h.transposed)
+  return soft_cap(logits, h.softcap).reshape(*hidden_BxNxD.shape[:-1], -1)
 
 
 def kernel_choices(cfg: ModelConfig) -> dict[str, str]:

@@ -8,6 +8,7 @@ import jax.numpy as jnp
 
 from dhara_jax.config import ModelConfig
 from dhara_jax.kernels.attention import flash_applies, flash_attention
+from dhara_jax.model.cache import Decode, write_slots
 from dhara_jax.model.canon import maybe_canon
 from dhara_jax.model.layers import (Dense, Norm, RopeTable, apply_rope, matmul_at_b,
                                     transpose_copy)
@@ -22,8 +23,10 @@ class Attention(nn.Module):
 
   @nn.compact
   def __call__(self, x_BxLxD: jax.Array, rope: RopeTable | None, mask_Bx1xLxL: jax.Array,
-               segment_ids_BxL: jax.Array) -> jax.Array:
-    """`rope`: this layer's rotary table (None without RoPE)."""
+               segment_ids_BxL: jax.Array, decode: Decode | None = None) -> jax.Array:
+    """`rope`: this layer's rotary table (None without RoPE). With `decode` the mask is
+    cache.decode_mask's, B×1×L×T: this chunk's keys and values are written into the cache at
+    their slots and the queries attend over all T slots."""
     cfg = self.cfg
     dtype = jnp.dtype(cfg.dtype)
     heads, kv_heads, head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.resolved_head_dim
@@ -47,7 +50,7 @@ class Attention(nn.Module):
       qkv_BxLxC = jnp.concatenate([t.reshape(batch, length, -1)
                                    for t in (q_BxLxHxK, k_BxLxGxK, v_BxLxGxK)], axis=-1)
       qkv_BxLxC = maybe_canon(cfg, "B", qkv_BxLxC, segment_ids_BxL, "canon_b",
-                              self.block_size)
+                              self.block_size, decode)
       q, k, v = jnp.split(qkv_BxLxC, [heads * head_dim, (heads + kv_heads) * head_dim], axis=-1)
       q_BxLxHxK = q.reshape(batch, length, heads, head_dim)
       k_BxLxGxK = k.reshape(batch, length, kv_heads, head_dim)
@@ -56,11 +59,20 @@ class Attention(nn.Module):
       q_BxLxHxK = apply_rope(q_BxLxHxK, rope)
       k_BxLxGxK = apply_rope(k_BxLxGxK, rope)
 
-    out_BxLxHxK = attend(cfg.attention_impl, q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, mask_Bx1xLxL,
-                         segment_ids_BxL, scale=(cfg.query_scale_dim or head_dim) ** -0.5,
-                         causal=cfg.attention == "causal",
-                         window=cfg.sliding_window if self.local else 0,
-                         block_size=self.block_size)
+    scale = (cfg.query_scale_dim or head_dim) ** -0.5
+    if decode is not None:
+      shape = (batch, decode.cache_length, kv_heads, head_dim)
+      k_cache = self.variable("cache", "keys", jnp.zeros, shape, k_BxLxGxK.dtype)
+      v_cache = self.variable("cache", "values", jnp.zeros, shape, v_BxLxGxK.dtype)
+      k_cache.value = write_slots(k_cache.value, k_BxLxGxK, decode.start)
+      v_cache.value = write_slots(v_cache.value, v_BxLxGxK, decode.start)
+      out_BxLxHxK = dot_product_attention(q_BxLxHxK, k_cache.value, v_cache.value,
+                                          mask_Bx1xLxL, scale)
+    else:
+      out_BxLxHxK = attend(cfg.attention_impl, q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, mask_Bx1xLxL,
+                           segment_ids_BxL, scale=scale, causal=cfg.attention == "causal",
+                           window=cfg.sliding_window if self.local else 0,
+                           block_size=self.block_size)
     out_BxLxHK = out_BxLxHxK.reshape(batch, length, heads * head_dim)
     return Dense(d_model, ("q_heads", "embed"), cfg.use_bias, self.out_std, dtype,
                  name="o")(out_BxLxHK)

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 
 from dhara_jax.config import ModelConfig
 from dhara_jax.kernels.canon import canon_conv, resolve_impl
+from dhara_jax.model.cache import Decode, cached_conv
 from dhara_jax.model.conv import block_diffusion_conv
 from dhara_jax.sharding import per_batch_shard
 
@@ -53,11 +54,14 @@ def conv(cfg: ModelConfig, h_BxLxC: jax.Array, w_KxC: jax.Array,
   Pallas call at all, and its SPMD partitioner doubles the grouped-conv weight gradient when the
   activations are replicated over `tensor` (seen with jax 0.10.2; tests/test_canon_model.py).
   """
-  impl = _requested_impl(cfg)
-  fn = functools.partial(canon_conv, impl=impl)
+  return block_diffusion_conv(_kernel(cfg), h_BxLxC, w_KxC, segment_ids_BxL, block_size)
+
+
+def _kernel(cfg: ModelConfig):
+  fn = functools.partial(canon_conv, impl=_requested_impl(cfg))
   if conv_impl(cfg) != "reference":
     fn = per_batch_shard(fn, split=(True, False, True))
-  return block_diffusion_conv(fn, h_BxLxC, w_KxC, segment_ids_BxL, block_size)
+  return fn
 
 
 class Canon(nn.Module):
@@ -65,13 +69,17 @@ class Canon(nn.Module):
   block_size: int = 0  # > 0: h is the block-diffusion row [x_t ; x_0], segment ids x_0's
 
   @nn.compact
-  def __call__(self, h_BxLxC: jax.Array, segment_ids_BxL: jax.Array) -> jax.Array:
+  def __call__(self, h_BxLxC: jax.Array, segment_ids_BxL: jax.Array,
+               decode: Decode | None = None) -> jax.Array:
     cfg = self.cfg
     channels = h_BxLxC.shape[-1]
     w_KxC = self.param("kernel", nn.with_logical_partitioning(
         torch_conv_init(cfg.canon_kernel), ("conv_kernel", "canon_channels")),
                        (cfg.canon_kernel, channels), jnp.float32)
-    y_BxLxC = conv(cfg, h_BxLxC, w_KxC, segment_ids_BxL, self.block_size)
+    if decode is None:
+      y_BxLxC = conv(cfg, h_BxLxC, w_KxC, segment_ids_BxL, self.block_size)
+    else:
+      y_BxLxC = cached_conv(self, _kernel(cfg), h_BxLxC, w_KxC, decode)
     if cfg.canon_bias:
       bias_C = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros,
                                                                ("canon_channels",)),
@@ -83,11 +91,13 @@ class Canon(nn.Module):
 
 
 def maybe_canon(cfg: ModelConfig, position: str, h_BxLxC: jax.Array,
-                segment_ids_BxL: jax.Array, name: str, block_size: int = 0) -> jax.Array:
-  """Applies the Canon layer for `position` (one of ABCD) when the config enables it.
+                segment_ids_BxL: jax.Array, name: str, block_size: int = 0,
+                decode: Decode | None = None) -> jax.Array:
+  """Applies the Canon layer for `position` (one of ABCD) when the config enables it
+  (`decode`: a chunk against the generation cache, model/cache.py).
 
   Call only from inside a compact module's __call__: the layer binds to the calling module.
   """
   if position not in cfg.canon_set:
     return h_BxLxC
-  return Canon(cfg, block_size, name=name)(h_BxLxC, segment_ids_BxL)
+  return Canon(cfg, block_size, name=name)(h_BxLxC, segment_ids_BxL, decode)

@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 
 from dhara_jax.config import ModelConfig
+from dhara_jax.model.cache import Decode
 from dhara_jax.model.canon import maybe_canon
 from dhara_jax.model.layers import Dense, activation
 
@@ -20,7 +21,8 @@ class Mlp(nn.Module):
   block_size: int = 0  # > 0: x is the block-diffusion row [x_t ; x_0] (for Canon D)
 
   @nn.compact
-  def __call__(self, x_BxLxD: jax.Array, segment_ids_BxL: jax.Array) -> jax.Array:
+  def __call__(self, x_BxLxD: jax.Array, segment_ids_BxL: jax.Array,
+               decode: Decode | None = None) -> jax.Array:
     cfg = self.cfg
     dtype = jnp.dtype(cfg.dtype)
     dense = lambda features, axes, std, name: Dense(features, axes, cfg.use_bias, std, dtype,
@@ -32,5 +34,6 @@ class Mlp(nn.Module):
     else:
       gate_BxLxF = dense(cfg.mlp_dim, ("embed", "mlp"), cfg.init_std, "gate")(x_BxLxD)
       h_BxLxF = act(gate_BxLxF) * up_BxLxF
-    h_BxLxF = maybe_canon(cfg, "D", h_BxLxF, segment_ids_BxL, "canon_d", self.block_size)
+    h_BxLxF = maybe_canon(cfg, "D", h_BxLxF, segment_ids_BxL, "canon_d", self.block_size,
+                          decode)
     return dense(x_BxLxD.shape[-1], ("mlp", "embed"), self.out_std, "down")(h_BxLxF)

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 from dhara_jax.config import ModelConfig
 from dhara_jax.errors import ConfigError
 from dhara_jax.model.attention import Attention
+from dhara_jax.model.cache import Decode, cached_conv, decode_mask
 from dhara_jax.model.conv import block_diffusion_conv, causal_depthwise_conv
 from dhara_jax.model.canon import maybe_canon, torch_conv_init
 from dhara_jax.model.layers import Dense, Embed, Norm, RopeTable, rope_table, soft_cap
@@ -30,20 +31,26 @@ class ShortConv(nn.Module):
   block_size: int = 0  # > 0: x is the block-diffusion row [x_t ; x_0], segment ids x_0's
 
   @nn.compact
-  def __call__(self, x_BxLxD: jax.Array, segment_ids_BxL: jax.Array) -> jax.Array:
+  def __call__(self, x_BxLxD: jax.Array, segment_ids_BxL: jax.Array,
+               decode: Decode | None = None) -> jax.Array:
     cfg = self.cfg
     dtype = jnp.dtype(cfg.dtype)
     d_model = x_BxLxD.shape[-1]
     bcx_BxLx3D = Dense(3 * d_model, ("embed", "mlp"), cfg.use_bias, cfg.init_std, dtype,
                        name="in_proj")(x_BxLxD)
-    bcx_BxLx3D = maybe_canon(cfg, "B", bcx_BxLx3D, segment_ids_BxL, "canon_b", self.block_size)
+    bcx_BxLx3D = maybe_canon(cfg, "B", bcx_BxLx3D, segment_ids_BxL, "canon_b", self.block_size,
+                             decode)
     b_BxLxD, c_BxLxD, h_BxLxD = jnp.split(bcx_BxLx3D, 3, axis=-1)
     w_KxD = self.param("conv", nn.with_logical_partitioning(torch_conv_init(cfg.conv_kernel),
                                                             ("conv_kernel", "mlp")),
                        (cfg.conv_kernel, d_model), jnp.float32)
     # The same causal conv as Canon's, so the same rule over [x_t ; x_0] in block mode.
-    y_BxLxD = c_BxLxD * block_diffusion_conv(causal_depthwise_conv, b_BxLxD * h_BxLxD, w_KxD,
-                                             segment_ids_BxL, self.block_size)
+    if decode is None:
+      conv_BxLxD = block_diffusion_conv(causal_depthwise_conv, b_BxLxD * h_BxLxD, w_KxD,
+                                        segment_ids_BxL, self.block_size)
+    else:
+      conv_BxLxD = cached_conv(self, causal_depthwise_conv, b_BxLxD * h_BxLxD, w_KxD, decode)
+    y_BxLxD = c_BxLxD * conv_BxLxD
     return Dense(d_model, ("mlp", "embed"), cfg.use_bias, self.out_std, dtype,
                  name="out_proj")(y_BxLxD)
 
@@ -60,7 +67,7 @@ class Block(nn.Module):
 
   @nn.compact
   def __call__(self, x_BxLxD: jax.Array, rope: RopeTable | None, segment_ids_BxL: jax.Array,
-               mask_Bx1xLxL: jax.Array | None) -> jax.Array:
+               mask_Bx1xLxL: jax.Array | None, decode: Decode | None = None) -> jax.Array:
     cfg, block_size = self.cfg, self.block_size
     dtype = jnp.dtype(cfg.dtype)
     norm = lambda name: Norm(cfg.norm, cfg.norm_eps, cfg.norm_unit_offset, name=name)
@@ -68,26 +75,27 @@ class Block(nn.Module):
     out_std = cfg.init_std / math.sqrt(2 * cfg.num_layers)
 
     h_BxLxD = norm("pre_mixer_norm")(x_BxLxD)
-    h_BxLxD = maybe_canon(cfg, "A", h_BxLxD, segment_ids_BxL, "canon_a", block_size)
+    h_BxLxD = maybe_canon(cfg, "A", h_BxLxD, segment_ids_BxL, "canon_a", block_size, decode)
     if self.kind == "C":
-      h_BxLxD = ShortConv(cfg, out_std, block_size, name="conv")(h_BxLxD, segment_ids_BxL)
+      h_BxLxD = ShortConv(cfg, out_std, block_size, name="conv")(h_BxLxD, segment_ids_BxL,
+                                                                 decode)
     else:
       attention = Attention(cfg, out_std, local=self.kind == "L", block_size=block_size,
                             name="attn")
-      h_BxLxD = attention(h_BxLxD, rope, mask_Bx1xLxL, segment_ids_BxL)
+      h_BxLxD = attention(h_BxLxD, rope, mask_Bx1xLxL, segment_ids_BxL, decode)
     if cfg.sandwich_norm:
       h_BxLxD = norm("post_mixer_norm")(h_BxLxD)
     x_BxLxD = x_BxLxD + h_BxLxD
 
     h_BxLxD = norm("pre_mlp_norm")(x_BxLxD)
-    h_BxLxD = maybe_canon(cfg, "C", h_BxLxD, segment_ids_BxL, "canon_c", block_size)
+    h_BxLxD = maybe_canon(cfg, "C", h_BxLxD, segment_ids_BxL, "canon_c", block_size, decode)
     if cfg.num_experts:
       real_BxL = segment_ids_BxL > 0
       h_BxLxD = MoeMlp(cfg.num_experts, cfg.experts_per_token, cfg.moe_mlp_dim, cfg.mlp,
                        cfg.moe_norm_topk, cfg.init_std, out_std, dtype,
                        name="moe")(h_BxLxD, both_halves(real_BxL) if block_size else real_BxL)
     else:
-      h_BxLxD = Mlp(cfg, out_std, block_size, name="mlp")(h_BxLxD, segment_ids_BxL)
+      h_BxLxD = Mlp(cfg, out_std, block_size, name="mlp")(h_BxLxD, segment_ids_BxL, decode)
     if cfg.sandwich_norm:
       h_BxLxD = norm("post_mlp_norm")(h_BxLxD)
     return nn.with_logical_constraint(x_BxLxD + h_BxLxD, RESIDUAL_AXES)
@@ -106,6 +114,9 @@ class Transformer(nn.Module):
   covers all 2L rows. Attention uses masks.block_diffusion_mask whatever `cfg.attention` says
   (sliding-window layers intersect it with their window); Canon and short convs follow
   model/conv.py `block_diffusion_conv`.
+
+  Cached mode (`decode`, model/cache.py): tokens are a chunk B×C run against the generation
+  cache (the mutable `cache` collection); segment ids and positions come from `decode`.
   """
 
   cfg: ModelConfig
@@ -113,10 +124,13 @@ class Transformer(nn.Module):
   @nn.compact
   def __call__(self, tokens_BxL: jax.Array, segment_ids_BxL: jax.Array | None = None,
                positions_BxL: jax.Array | None = None, head: bool = True,
-               block_size: int = 0) -> jax.Array:
+               block_size: int = 0, decode: Decode | None = None) -> jax.Array:
     cfg = self.cfg
     dtype = jnp.dtype(cfg.dtype)
     length = _stream_length(tokens_BxL, segment_ids_BxL, positions_BxL, block_size)
+    if decode is not None:
+      segment_ids_BxL = decode.valid_BxC(length).astype(jnp.int32)
+      positions_BxL = decode.positions_BxC(length)
     if segment_ids_BxL is None:
       segment_ids_BxL = jnp.ones_like(tokens_BxL[:, :length])
     if positions_BxL is None:
@@ -135,6 +149,8 @@ class Transformer(nn.Module):
     x_BxLxD = nn.with_logical_constraint(x_BxLxD, RESIDUAL_AXES)
 
     def mask(window):
+      if decode is not None:
+        return decode_mask(decode, length, window)
       if block_size:
         return block_diffusion_mask(segment_ids_BxL, block_size, window=window)
       return attention_mask(segment_ids_BxL, causal=cfg.attention == "causal", window=window)
@@ -149,7 +165,7 @@ class Transformer(nn.Module):
       ropes.update(A=tables[cfg.rope_theta], L=tables[cfg.local_rope_theta])
     for i, kind in enumerate(cfg.layer_kinds):
       x_BxLxD = Block(cfg, kind, block_size, name=f"layers_{i}")(
-          x_BxLxD, ropes[kind], segment_ids_BxL, masks[kind])
+          x_BxLxD, ropes[kind], segment_ids_BxL, masks[kind], decode)
 
     x_BxLxD = Norm(cfg.norm, cfg.norm_eps, cfg.norm_unit_offset, name="final_norm")(x_BxLxD)
     if not head:
