@@ -3,6 +3,7 @@ in config.json, both Auto classes, logits and hidden states on a packed, padded 
 shifted-label loss, no silent AR `generate`, and a bit-exact import."""
 
 import json
+import sys
 
 import jax
 import numpy as np
@@ -118,10 +119,15 @@ def test_loss_reads_a_masked_token_from_the_previous_position(exported):
   np.testing.assert_allclose(out.loss.item(), want, rtol=1e-5)
 
 
-def test_generate_refuses_instead_of_decoding_left_to_right(exported):
+def test_generate_is_the_diffusion_sampler_not_left_to_right(exported):
+  """generate unmasks a canvas (test_export_generate has the sampler); the causal class on a
+  bidirectional config still refuses GenerationMixin's left-to-right decoding."""
   _, _, _, model = exported
-  with pytest.raises(NotImplementedError, match="not provided for masked-diffusion"):
-    model.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=2)
+  ids, stats = model.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=2, return_stats=True)
+  assert ids.shape == (1, 5) and not (ids == MASK).any() and stats == {"forwards": 2}
+  causal_class = sys.modules[type(model).__module__].DharaForCausalLM
+  with pytest.raises(NotImplementedError, match="load it as DharaForMaskedDiffusion"):
+    causal_class(model.config).generate(torch.tensor([[1, 2, 3]]), max_new_tokens=2)
 
 
 def test_import_is_bit_identical_with_the_mask_fields(exported):

@@ -11,8 +11,9 @@ Classes (config.json's `auto_map` names them):
 - `DharaModel` (AutoModel): the bare decoder; `last_hidden_state` is after the final norm.
 - `DharaForCausalLM` (AutoModelForCausalLM, causal configs): next-token LM with `generate`.
 - `DharaForMaskedDiffusion` (AutoModelForCausalLM, `attention: bidirectional` configs): a masked
-  diffusion LM (LLaDA/MDLM style). Same weights and forward as DharaForCausalLM; see its
-  docstring for the mask token and the label alignment.
+  diffusion LM (LLaDA/MDLM style). Same weights and forward as DharaForCausalLM; its `generate`
+  is a diffusion sampler. See its docstring for the mask token, the label alignment and the
+  sampler.
 
 Label alignment (config.json `label_alignment: "next_token"`, for every class): the logits at
 position i predict the token at position i + 1, as in an AR model (and as Dream / Fast-dLLM v2
@@ -335,10 +336,101 @@ class DharaModel(DharaPreTrainedModel):
     return BaseModelOutput(last_hidden_state=self.final_norm(x))
 
 
-DIFFUSION_GENERATE = (
-    "generate is not provided for masked-diffusion (bidirectional) Dhara models yet: it would run "
-    "left-to-right AR decoding, which this model was not trained for. Sample by iterative "
-    "unmasking with the logits of forward() (a diffusion sampler is planned).")
+# The diffusion sampler of DharaForMaskedDiffusion.generate. dhara_jax.sampling has the same
+# semantics in JAX: with greedy settings both give the same tokens, so keep the two in step.
+SAMPLER_ARGS = ("input_ids, attention_mask, max_new_tokens, steps, block_length, remasking, "
+                "threshold, temperature, mask_token_id, eos_token_id, generator, return_stats")
+
+
+def _left_align(input_ids, real):
+  """Each row with its padding first and its tokens in order (a right-padded row is rolled)."""
+  order = torch.argsort(real.long(), dim=1, stable=True)
+  return input_ids.gather(1, order), real.gather(1, order)
+
+
+def _transfer_schedule(block_length, steps):
+  """Tokens committed at each of `steps` steps of a fully masked block: as even as possible,
+  the extra ones first (LLaDA's get_num_transfer_tokens)."""
+  base, rem = divmod(block_length, steps)
+  return [base + 1 if t < rem else base for t in range(steps)]
+
+
+def _ranks(conf):
+  """rank[b, j]: slot j's place when row b is sorted by confidence, highest first. Stable, so
+  ties go to the earlier slot, as in the JAX sampler."""
+  order = torch.argsort(-conf, dim=1, stable=True)
+  return torch.argsort(order, dim=1, stable=True)
+
+
+def _candidates(pred, temperature, generator):
+  """x0: the argmax token of each slot, or with temperature > 0 a Gumbel-max sample."""
+  if temperature == 0:
+    return pred.argmax(-1)
+  u = torch.rand(pred.shape, generator=generator, device=pred.device)
+  return (pred / temperature - torch.log(-torch.log(u))).argmax(-1)
+
+
+def _diffusion_step(model, x, attention_mask, in_block, mask_id, remasking, temperature,
+                    generator, n_commit=None, threshold=None):
+  """One denoising step: the canvas with some masked slots of the current block committed;
+  the n_commit most confident ones, or (threshold) those with confidence ≥ τ and the best."""
+  logits = model(x, attention_mask=attention_mask).logits.float()
+  # Next-token alignment: slot j is read from the logits at j - 1 (slot 0 is never masked).
+  pred = torch.cat([logits[:, :1], logits[:, :-1]], dim=1)
+  pred[..., mask_id] = -math.inf  # committing the mask token would commit nothing
+  x0 = _candidates(pred, temperature, generator)
+  if remasking == "low_confidence":
+    conf = torch.softmax(pred, dim=-1).gather(-1, x0[..., None])[..., 0]
+  else:
+    conf = torch.rand(x.shape, generator=generator, device=x.device)
+  eligible = (x == mask_id) & in_block
+  conf = conf.masked_fill(~eligible, -math.inf)
+  rank = _ranks(conf)
+  if threshold is None:
+    commit = eligible & (rank < n_commit)
+  else:
+    commit = eligible & ((conf >= threshold) | (rank == 0))
+  return torch.where(commit, x0, x)
+
+
+def _sampler_settings(config, prompt_len, max_new_tokens, steps, block_length, remasking,
+                      threshold, temperature, mask_token_id, eos_token_id):
+  """(steps per block, block length, mask id, EOS id or None); a ValueError on a bad one."""
+  g = max_new_tokens
+  if g < 1:
+    raise ValueError(f"generate: max_new_tokens must be ≥ 1, got {g}")
+  b = g if block_length is None else block_length
+  if b < 1 or g % b:
+    raise ValueError(f"generate: max_new_tokens ({g}) must be a positive multiple of "
+                     f"block_length ({b})")
+  blocks = g // b
+  steps = g if steps is None else steps
+  if steps < 1 or steps % blocks:
+    raise ValueError(f"generate: steps ({steps}) must be a positive multiple of the number of "
+                     f"blocks ({blocks} = max_new_tokens {g} / block_length {b})")
+  per_block = steps // blocks
+  if per_block > b:
+    raise ValueError(f"generate: {per_block} steps per block is more than block_length ({b}): "
+                     f"each step commits at least one token")
+  if threshold is not None and not 0 < threshold <= 1:
+    raise ValueError(f"generate: threshold must be None or in (0, 1], got {threshold}")
+  if remasking not in ("low_confidence", "random"):
+    raise ValueError(f"generate: remasking must be 'low_confidence' or 'random', got "
+                     f"{remasking!r}")
+  if temperature < 0:
+    raise ValueError(f"generate: temperature must be ≥ 0, got {temperature}")
+  if prompt_len + g > config.max_seq_len:
+    raise ValueError(f"generate: prompt ({prompt_len}) + max_new_tokens ({g}) is more than "
+                     f"max_seq_len ({config.max_seq_len})")
+  mask_id = getattr(config, "mask_token_id", -1) if mask_token_id is None else mask_token_id
+  if not 0 <= mask_id < config.vocab_size:
+    raise ValueError(f"generate: mask token id {mask_id} is not a token of this model (config "
+                     f"mask_token_id -1 means the tokenizer's <mask>, unresolved at export): pass "
+                     f"mask_token_id=tokenizer.mask_token_id")
+  eos = getattr(config, "eos_token_id", None) if eos_token_id is None else eos_token_id
+  if isinstance(eos, (list, tuple)):
+    raise ValueError(f"generate: eos_token_id must be one token id or None, got {eos!r}")
+  return per_block, b, mask_id, None if eos is None else int(eos)
 
 
 class DharaForCausalLM(DharaPreTrainedModel, GenerationMixin):
@@ -386,7 +478,10 @@ class DharaForCausalLM(DharaPreTrainedModel, GenerationMixin):
   def generate(self, *args, **kwargs):
     # GenerationMixin would decode left to right on a bidirectional model without a word.
     if self.config.attention != "causal":
-      raise NotImplementedError(DIFFUSION_GENERATE)
+      raise NotImplementedError(
+          "DharaForCausalLM.generate decodes left to right, which a bidirectional (masked-"
+          "diffusion) model was not trained for: load it as DharaForMaskedDiffusion "
+          "(AutoModelForCausalLM does), whose generate is a diffusion sampler.")
     return super().generate(*args, **kwargs)
 
 
@@ -405,6 +500,70 @@ class DharaForMaskedDiffusion(DharaForCausalLM):
     DharaForCausalLM: pass the clean tokens with -100 wherever the input is not masked; the
     loss is the plain mean cross-entropy (no 1/t weighting, which is the trainer's business).
 
-  `generate` is not provided yet (a diffusion sampler is a later addition): it raises
-  NotImplementedError rather than decoding left to right.
+  `generate` is LLaDA's semi-autoregressive sampler (no KV cache: each step runs the whole
+  canvas). The canvas is [prompt, MASK × max_new_tokens]; the new tokens are cut into blocks of
+  `block_length`, decoded left to right, each in steps // blocks steps. A step predicts every
+  slot (argmax, or a Gumbel sample at temperature > 0) and commits the most confident masked
+  slots of the block (`remasking="low_confidence"`: softmax probability; `"random"`: random
+  order), as many as the even split of the block over its steps gives. With `threshold` τ
+  (Fast-dLLM), a step instead commits every masked slot of the block with confidence ≥ τ and
+  at least the best one, until the block has no masks (`steps` is unused then, though still
+  checked). Prompts are left-padded (right-padded rows are left-aligned first). Once every row
+  has an EOS the remaining blocks are skipped, and every new slot after a row's first EOS is
+  that EOS. Returns the canvas (B, P + G), or (canvas, {"forwards": n}) with return_stats=True.
   """
+
+  @torch.no_grad()
+  def generate(self, input_ids, attention_mask=None, max_new_tokens=64, steps=None,
+               block_length=None, remasking="low_confidence", threshold=None, temperature=0.0,
+               mask_token_id=None, eos_token_id=None, generator=None, return_stats=False,
+               **kwargs):
+    if kwargs:
+      # HF options (do_sample, num_beams, ...) mean nothing here; ignoring them would mislead.
+      raise TypeError(f"generate: unexpected arguments {', '.join(sorted(kwargs))}; the "
+                      f"diffusion sampler takes {SAMPLER_ARGS}")
+    input_ids = torch.as_tensor(input_ids)
+    if input_ids.dim() != 2 or input_ids.shape[1] == 0:
+      raise ValueError(f"generate: input_ids must be a (batch, prompt length) tensor with a "
+                       f"prompt, got shape {tuple(input_ids.shape)}")
+    input_ids = input_ids.long()
+    if attention_mask is None:
+      real = torch.ones_like(input_ids, dtype=torch.bool)
+    else:
+      real = torch.as_tensor(attention_mask, device=input_ids.device) != 0
+      if real.shape != input_ids.shape:
+        raise ValueError(f"generate: attention_mask shape {tuple(real.shape)} is not input_ids "
+                         f"shape {tuple(input_ids.shape)}")
+    empty = torch.nonzero(~real.any(1)).flatten().tolist()
+    if empty:
+      raise ValueError(f"generate: empty prompt in rows {empty} (attention_mask all 0); every "
+                       f"row needs at least one prompt token")
+    batch, prompt_len = input_ids.shape
+    per_block, b, mask_id, eos = _sampler_settings(
+        self.config, prompt_len, max_new_tokens, steps, block_length, remasking, threshold,
+        temperature, mask_token_id, eos_token_id)
+    prompt, real = _left_align(input_ids, real)
+    new = torch.full((batch, max_new_tokens), mask_id, dtype=torch.long, device=prompt.device)
+    x = torch.cat([prompt, new], dim=1)
+    attention = torch.cat([real.long(), torch.ones_like(new)], dim=1)  # masks are real tokens
+    slot = torch.arange(x.shape[1], device=x.device)[None]
+    schedule = _transfer_schedule(b, per_block)
+    forwards = 0
+    for k in range(max_new_tokens // b):
+      lo, hi = prompt_len + k * b, prompt_len + (k + 1) * b
+      in_block = (slot >= lo) & (slot < hi)
+      # Threshold: each step commits ≥ 1 token of each row with masks, so b steps end a block
+      # (a committed prediction of the mask token itself stays masked, as in LLaDA).
+      for t in range(b if threshold is not None else per_block):
+        x = _diffusion_step(self, x, attention, in_block, mask_id, remasking, temperature,
+                            generator, n_commit=schedule[t] if threshold is None else None,
+                            threshold=threshold)
+        forwards += 1
+        if threshold is not None and not (x[:, lo:hi] == mask_id).any():
+          break
+      if eos is not None and (x[:, prompt_len:hi] == eos).any(1).all():
+        break  # every row has ended: the slots left are filled with EOS below
+    if eos is not None:
+      tail = x[:, prompt_len:]
+      x[:, prompt_len:] = tail.masked_fill((tail == eos).cumsum(1) > 0, eos)
+    return (x, {"forwards": forwards}) if return_stats else x
