@@ -21,11 +21,24 @@ from dhara_jax.model.cache import Decode
 from dhara_jax.sampling.settings import Sampling
 
 
+def best(logits_xV: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """(max, argmax) over the last axis, the first index on ties. On CPU through top_k: XLA:CPU's
+  argmax reduction is 3–10× slower than top_k over a 4k vocabulary, a fifth of a decode step."""
+  def top_1(x):
+    values, indices = jax.lax.top_k(x, 1)
+    return values[..., 0], indices[..., 0].astype(jnp.int32)
+
+  def arg_max(x):
+    return jnp.max(x, axis=-1), jnp.argmax(x, axis=-1).astype(jnp.int32)
+
+  return jax.lax.platform_dependent(logits_xV, cpu=top_1, default=arg_max)
+
+
 def sample_tokens(logits_BxV: jax.Array, key: jax.Array, s: Sampling) -> jax.Array:
   """Greedy at temperature 0, else a draw from softmax(logits / T) cut to the `top_k` most
   likely tokens and to the smallest set whose probability reaches `top_p`."""
   if s.temperature == 0:
-    return jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32)
+    return best(logits_BxV)[1]
   logits_BxV = logits_BxV.astype(jnp.float32) / s.temperature
   floor = jnp.finfo(jnp.float32).min
   if s.top_k:

@@ -41,6 +41,7 @@ from dhara_jax.errors import DharaError
 from dhara_jax.model import apply_head, forward, forward_cached, init_cache
 from dhara_jax.model.cache import Decode
 from dhara_jax.phases import Phase
+from dhara_jax.sampling.ar import best
 from dhara_jax.sampling.settings import Generation, Sampling
 
 log = logging.getLogger(__name__)
@@ -212,16 +213,16 @@ def commit(preds_BxbxV: jax.Array, tokens_Bxb: jax.Array, key: jax.Array, t: jax
   """The block's tokens after one denoising step at step `t` of `steps`."""
   preds_BxbxV = preds_BxbxV.astype(jnp.float32).at[..., mask_id].set(-jnp.inf)
   noise_key, rank_key = jax.random.split(key)
+  top_Bxb, candidates_Bxb = best(preds_BxbxV)
   if s.temperature:
     gumbel = jax.random.gumbel(noise_key, preds_BxbxV.shape)
-    candidates_Bxb = jnp.argmax(preds_BxbxV / s.temperature + gumbel, axis=-1)
-  else:
-    candidates_Bxb = jnp.argmax(preds_BxbxV, axis=-1)
+    candidates_Bxb = best(preds_BxbxV / s.temperature + gumbel)[1]
   if s.remasking == "random":
     confidence_Bxb = jax.random.uniform(rank_key, tokens_Bxb.shape)
-  else:
-    probs_BxbxV = jax.nn.softmax(preds_BxbxV, axis=-1)
-    confidence_Bxb = jnp.take_along_axis(probs_BxbxV, candidates_Bxb[..., None], -1)[..., 0]
+  else:  # the softmax probability of the candidate
+    chosen_Bxb = jnp.take_along_axis(preds_BxbxV, candidates_Bxb[..., None], -1)[..., 0]
+    confidence_Bxb = jnp.exp(chosen_Bxb - top_Bxb) / jnp.sum(
+        jnp.exp(preds_BxbxV - top_Bxb[..., None]), axis=-1)
   eligible_Bxb = tokens_Bxb == mask_id
   confidence_Bxb = jnp.where(eligible_Bxb, confidence_Bxb, -jnp.inf)
   order_Bxb = jnp.argsort(-confidence_Bxb, axis=-1, stable=True)

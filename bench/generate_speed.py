@@ -1,0 +1,77 @@
+"""Decoding speed of a model shape, independent of its weights: KV-cached AR tokens/s against the
+block-cached diffusion sampler at fixed tokens per forward (G / steps), batch by batch.
+
+A fixed-schedule diffusion step costs the same whatever the weights say, so random weights give
+the hardware side of the AR-vs-diffusion trade: the speed-up a model reaches if it keeps its
+quality at k tokens per forward. (Whether it does is `dhara bench generate`'s question, on trained
+models.) No dataset, tokenizer or install needed; part of bench/gpu_check.sh.
+
+  python bench/generate_speed.py [--config configs/runs/dhara_70m.yaml] [--batches 1,8,64]
+      [--new-tokens 100] [--prompt 16] [--block 20] [key=value ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import jax
+import numpy as np
+
+from dhara_jax import config
+from dhara_jax.model import init_params
+from dhara_jax.phases import Phase
+from dhara_jax.sampling import Sampling, generate
+
+
+def _seconds(call, runs: int) -> float:
+  call()  # compile
+  call()  # warm up
+  times = []
+  for _ in range(runs):
+    start = time.perf_counter()
+    call()
+    times.append(time.perf_counter() - start)
+  return float(np.median(times))
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--config", default="configs/runs/dhara_70m.yaml")
+  parser.add_argument("--batches", default="1,8,64")
+  parser.add_argument("--new-tokens", type=int, default=100)
+  parser.add_argument("--prompt", type=int, default=20, help="prompt tokens")
+  parser.add_argument("--block", type=int, default=20, help="diffusion block length")
+  parser.add_argument("--runs", type=int, default=3)
+  parser.add_argument("overrides", nargs="*", help="section.key=value overrides")
+  args = parser.parse_args()
+  cfg = config.load(args.config, args.overrides).model
+  if cfg.mask_token_id < 0:
+    cfg = cfg.__class__(**{**cfg.__dict__, "mask_token_id": cfg.vocab_size - 1})
+  ar_cfg = cfg.__class__(**{**cfg.__dict__, "attention": "causal"})
+  params = init_params(cfg, jax.random.key(0))
+  new, block = args.new_tokens, args.block
+  print(f"{args.config}: {cfg.family}, {cfg.num_layers} layers, d {cfg.d_model}, {cfg.dtype}, "
+        f"{jax.devices()[0].device_kind}; prompt {args.prompt}, G {new}, block {block}")
+  print(f"{'B':>4} {'sampler':<26} {'tok/s':>10} {'forwards':>9} {'tok/fwd':>8} {'vs AR':>7}")
+  rng = np.random.default_rng(0)
+  for batch in (int(b) for b in args.batches.split(",")):
+    prompts = rng.integers(1, cfg.vocab_size - 1, (batch, args.prompt)).tolist()
+    ar = Sampling(max_new_tokens=new)
+    ar_s = _seconds(lambda: generate(ar_cfg, params, prompts, ar), args.runs)
+    ar_tps = batch * new / ar_s
+    print(f"{batch:>4} {'AR, KV cache':<26} {ar_tps:>10,.0f} {new:>9} {1:>8.1f} {1:>7.2f}")
+    for per_forward in (1, 2, 4, 10):
+      steps = new // per_forward
+      if steps % (new // block):
+        continue
+      s = Sampling(max_new_tokens=new, steps=steps, block_length=block, cache="block")
+      seconds = _seconds(lambda: generate(cfg, params, prompts, s, phase=Phase("block", block)),
+                         args.runs)
+      tps = batch * new / seconds
+      print(f"{batch:>4} {f'block cache, {steps} steps':<26} {tps:>10,.0f} {steps:>9} "
+            f"{per_forward:>8.1f} {tps / ar_tps:>7.2f}")
+
+
+if __name__ == "__main__":
+  main()
