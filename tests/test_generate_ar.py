@@ -102,6 +102,18 @@ def test_eos_ends_each_row_and_the_loop():
     assert forwards == max(len(t) for t in out.tokens) + 1
 
 
+def test_stop_sequences_end_rows_like_eos():
+  cfg, params = _model("llama3")
+  free = generate(cfg, params, PROMPTS, Sampling(max_new_tokens=10)).tokens
+  stop = tuple(free[0][3:5])  # two tokens row 0 emits at 3 and 4
+  out = generate(cfg, params, PROMPTS, Sampling(max_new_tokens=10, stop=(stop,)))
+  for row, cut, finished in zip(free, out.tokens, out.finished):
+    hits = [i for i in range(len(row) - 1) if tuple(row[i:i + 2]) == stop]
+    assert cut == row[:hits[0]] if hits else cut == row
+    assert finished == bool(hits)
+  assert out.finished[0]
+
+
 def test_right_padded_batches_are_left_aligned():
   tokens = np.array([[5, 9, 3, 0, 0], [0, 0, 7, 1, 4]])
   mask = np.array([[1, 1, 1, 0, 0], [0, 0, 1, 1, 1]])

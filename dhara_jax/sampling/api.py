@@ -44,7 +44,7 @@ def generate(model: ModelConfig, params: Any, prompts: Sequence[Sequence[int]],
   prompt_BxP, first_B = left_padded(prompts, PROMPT_BUCKET)
   tokens_BxG, forwards = ar.decode(model, params, prompt_BxP, first_B,
                                    jax.random.key(sampling.seed), s=sampling, eos_id=eos_id)
-  return finished_rows(np.asarray(tokens_BxG), int(forwards), eos_id)
+  return finished_rows(np.asarray(tokens_BxG), int(forwards), eos_id, sampling.stop)
 
 
 def left_padded(prompts: Sequence[Sequence[int]], bucket: int) -> tuple[jax.Array, jax.Array]:
@@ -62,11 +62,15 @@ def left_aligned(tokens_BxP: np.ndarray, mask_BxP: np.ndarray) -> list[list[int]
   return [[int(t) for t, m in zip(row, keep) if m] for row, keep in zip(tokens_BxP, mask_BxP)]
 
 
-def finished_rows(tokens_BxG: np.ndarray, forwards: int, eos_id: int | None) -> Generation:
-  """Each row cut before its first EOS."""
+def finished_rows(tokens_BxG: np.ndarray, forwards: int, eos_id: int | None,
+                  stop: Sequence[Sequence[int]] = ()) -> Generation:
+  """Each row cut before its first EOS or stop sequence."""
   rows, finished = [], []
   for row in tokens_BxG.tolist():
-    end = row.index(eos_id) if eos_id is not None and eos_id in row else len(row)
+    ends = [row.index(eos_id)] if eos_id is not None and eos_id in row else []
+    ends += [i for seq in stop for i in range(len(row) - len(seq) + 1)
+             if row[i:i + len(seq)] == list(seq)]
+    end = min(ends, default=len(row))
     rows.append(row[:end])
     finished.append(end < len(row))
   return Generation(rows, forwards, finished)

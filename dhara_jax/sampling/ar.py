@@ -100,12 +100,23 @@ def decode(cfg: ModelConfig, params: Any, prompt_BxP: jax.Array, first_B: jax.Ar
     key, sub = jax.random.split(key)
     token_B = sample(logits_BxV, sub, done_B)
     canvas_BxT = jax.lax.dynamic_update_slice(canvas_BxT, token_B[:, None], (0, prompt_len + t))
-    return t + 1, canvas_BxT, carry, done_B | (token_B == eos), key
+    return t + 1, canvas_BxT, carry, done_B | ended(canvas_BxT, prompt_len + t), key
+
+  def ended(canvas_BxT, slot):
+    """Whether the token at `slot` is EOS or ends one of the stop sequences."""
+    end_B = canvas_BxT[:, slot] == eos
+    for stop in s.stop:
+      if len(stop) <= new_tokens:
+        start = jnp.maximum(slot - len(stop) + 1, prompt_len)  # inside the new tokens
+        tail_BxN = jax.lax.dynamic_slice_in_dim(canvas_BxT, start, len(stop), axis=1)
+        end_B |= (slot - len(stop) + 1 >= prompt_len) & jnp.all(
+            tail_BxN == jnp.asarray(stop, jnp.int32), axis=1)
+    return end_B
 
   key, sub = jax.random.split(key)
   first_token_B = sample(last_BxV, sub, jnp.zeros((batch,), bool))
   canvas_BxT = canvas_BxT.at[:, prompt_len].set(first_token_B)
-  done_B = first_token_B == eos
+  done_B = ended(canvas_BxT, prompt_len)
   t, canvas_BxT, _, _, _ = jax.lax.while_loop(cond, body, (jnp.int32(1), canvas_BxT, carry,
                                                            done_B, key))
   return canvas_BxT[:, prompt_len:], t  # the prefill and t − 1 steps

@@ -60,7 +60,7 @@ def generate(model: ModelConfig, params: Any, prompts: Sequence[Sequence[int]], 
   tokens_BxG, forwards = sample(model, params, prompt_BxP, first_B, jax.random.key(s.seed),
                                 s=s, block=block, steps=steps, cache=cache,
                                 block_trained=phase.objective == "block", eos_id=eos_id)
-  return finished_rows(np.asarray(tokens_BxG), int(forwards), eos_id)
+  return finished_rows(np.asarray(tokens_BxG), int(forwards), eos_id, s.stop)
 
 
 def block_and_steps(s: Sampling, phase: Phase) -> tuple[int, int]:

@@ -38,6 +38,9 @@ class Sampling:
   threshold: float = 0.0  # diffusion: τ of threshold decoding (0: off, fixed steps)
   cache: str = "auto"
   seed: int = 0
+  # Token sequences that end a row like EOS (evaluation's stop strings, encoded); the row's
+  # tokens are cut before the first one. AR decoding stops on them; diffusion rows are cut.
+  stop: tuple[tuple[int, ...], ...] = ()
 
 
 @dataclasses.dataclass
@@ -65,5 +68,7 @@ def check_sampling(s: Sampling) -> None:
   if s.remasking not in REMASKING:
     raise DharaError(f"generate: remasking must be one of {', '.join(REMASKING)}, got "
                      f"{s.remasking!r}")
+  if any(not seq for seq in s.stop):
+    raise DharaError("generate: a stop sequence is empty")
   if s.cache not in CACHES:
     raise DharaError(f"generate: cache must be one of {', '.join(CACHES)}, got {s.cache!r}")
