@@ -4,10 +4,13 @@ block-cached diffusion sampler at fixed tokens per forward (G / steps), batch by
 A fixed-schedule diffusion step costs the same whatever the weights say, so random weights give
 the hardware side of the AR-vs-diffusion trade: the speed-up a model reaches if it keeps its
 quality at k tokens per forward. (Whether it does is `dhara bench generate`'s question, on trained
-models.) No dataset, tokenizer or install needed; part of bench/gpu_check.sh.
+models.) With `--torch`, transformers' generate() (greedy, its KV cache) on the same weights
+exported, for configs a stock transformers class expresses (e.g. the quickstart's shape without
+Canon: LlamaForCausalLM); custom-code exports have no KV cache, so that peer would be no-cache.
+No dataset, tokenizer or install needed; part of bench/gpu_check.sh.
 
   python bench/generate_speed.py [--config configs/runs/dhara_70m.yaml] [--batches 1,8,64]
-      [--new-tokens 100] [--prompt 16] [--block 20] [key=value ...]
+      [--new-tokens 100] [--prompt 16] [--block 20] [--torch] [key=value ...]
 """
 
 from __future__ import annotations
@@ -43,6 +46,8 @@ def main() -> None:
   parser.add_argument("--prompt", type=int, default=20, help="prompt tokens")
   parser.add_argument("--block", type=int, default=20, help="diffusion block length")
   parser.add_argument("--runs", type=int, default=3)
+  parser.add_argument("--torch", action="store_true",
+                      help="also time transformers' generate() on the exported AR weights")
   parser.add_argument("overrides", nargs="*", help="section.key=value overrides")
   args = parser.parse_args()
   cfg = config.load(args.config, args.overrides).model
@@ -63,7 +68,7 @@ def main() -> None:
     print(f"{batch:>4} {'AR, KV cache':<26} {ar_tps:>10,.0f} {new:>9} {1:>8.1f} {1:>7.2f}")
     for per_forward in (1, 2, 4, 10):
       steps = new // per_forward
-      if steps % (new // block):
+      if steps < new // block or steps % (new // block):  # under one step per block, or uneven
         continue
       s = Sampling(max_new_tokens=new, steps=steps, block_length=block, cache="block")
       seconds = _seconds(lambda: generate(cfg, params, prompts, s, phase=Phase("block", block)),
@@ -71,6 +76,36 @@ def main() -> None:
       tps = batch * new / seconds
       print(f"{batch:>4} {f'block cache, {steps} steps':<26} {tps:>10,.0f} {steps:>9} "
             f"{per_forward:>8.1f} {tps / ar_tps:>7.2f}")
+    if args.torch:  # last: torch's idle threads spin for a while after a call
+      hf_tps = batch * new / _seconds(torch_generate(ar_cfg, params, prompts, new), args.runs)
+      print(f"{batch:>4} {'transformers generate()':<26} {hf_tps:>10,.0f} {new:>9} {1:>8.1f} "
+            f"{hf_tps / ar_tps:>7.2f}   ratio jax/transformers {ar_tps / hf_tps:.2f}x")
+
+
+def torch_generate(cfg, params, prompts, new_tokens):
+  """A call of transformers' greedy generate() with its KV cache, exactly `new_tokens` tokens,
+  on `params` exported (float32, as many threads as JAX's CPU devices use)."""
+  import tempfile
+
+  import torch
+
+  from dhara_jax.export import export_hf
+  from dhara_jax.export.parity import load_torch_model
+
+  torch.set_num_threads(len(__import__("os").sched_getaffinity(0)))
+  with tempfile.TemporaryDirectory() as tmp:
+    model = load_torch_model(export_hf(cfg, jax.device_get(params), tmp))
+  kind = type(model).__name__
+  print(f"     transformers peer: {kind}" + (" (custom code: no KV cache)"
+                                              if kind.startswith("Dhara") else ""))
+  ids = torch.tensor(prompts)
+
+  def call():
+    with torch.no_grad():
+      return model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                            max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                            use_cache=True, pad_token_id=0)
+  return call
 
 
 if __name__ == "__main__":

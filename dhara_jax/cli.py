@@ -111,6 +111,32 @@ def _data_tfds(args: argparse.Namespace) -> int:
   return 0
 
 
+def _generate(args: argparse.Namespace) -> int:
+  from dhara_jax import generation_bench
+  from dhara_jax.sampling import Sampling
+
+  sampling = Sampling(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                      top_k=args.top_k, top_p=args.top_p, steps=args.steps,
+                      block_length=args.block_length, remasking=args.remasking,
+                      threshold=args.threshold, cache=args.cache, seed=args.seed)
+  texts = generation_bench.read_prompts(args.prompt, args.prompt_file)
+  report = generation_bench.generate_from_run(args.run_dir, texts, sampling, args.step,
+                                              stats=args.stats)
+  print(json.dumps(report, indent=2, ensure_ascii=False) if args.json
+        else generation_bench.format_generation(report))
+  return 0
+
+
+def _bench_generate(args: argparse.Namespace) -> int:
+  from dhara_jax import generation_bench
+
+  report = generation_bench.run_bench(args.run_dir, args.ar_run, args.batches, args.new_tokens,
+                                      args.runs, args.quick, args.prompt_tokens)
+  print(json.dumps(report, indent=2, ensure_ascii=False) if args.json
+        else generation_bench.format_bench(report))
+  return 0
+
+
 def _add_config_args(p: argparse.ArgumentParser) -> None:
   p.add_argument("--config", default="data/mix",
                  help="config file or preset with a data: section (default: data/mix)")
@@ -178,6 +204,43 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. train.steps=50")
   p.set_defaults(func=_quickstart)
 
+  # Defaults are Sampling's (dhara_jax/sampling/settings.py); not imported here, which would
+  # load JAX for every command's --help.
+  p = sub.add_parser("generate", help="continue prompts with a run's model (KV-cached AR, or "
+                     "the diffusion samplers for mdm / block runs)")
+  p.add_argument("run_dir")
+  p.add_argument("--prompt", default=None, help="the prompt text")
+  p.add_argument("--prompt-file", default=None, help="one prompt per line, generated as one "
+                 "batch (instead of --prompt)")
+  p.add_argument("--max-new-tokens", type=int, default=64, help="G (default 64)")
+  p.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default)")
+  p.add_argument("--top-k", type=int, default=0, help="AR: keep the k most likely (0: all)")
+  p.add_argument("--top-p", type=float, default=1.0, help="AR: nucleus mass (1: all)")
+  p.add_argument("--steps", type=int, default=0, help="diffusion: denoising steps in all "
+                 "(0: G, one token per step)")
+  p.add_argument("--block-length", type=int, default=0, help="diffusion: tokens per block "
+                 "(0: the trained block size, else G)")
+  p.add_argument("--remasking", default="low_confidence", metavar="low_confidence|random",
+                 help="diffusion: which masked tokens a step commits")
+  p.add_argument("--threshold", type=float, default=0.0, help="diffusion: τ of threshold "
+                 "decoding (0: off, fixed steps)")
+  p.add_argument("--cache", default="auto", metavar="auto|none|block|approx",
+                 help="diffusion: KV cache (auto: block for block-trained models, else none)")
+  p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--step", type=non_negative_int, default=None,
+                 help="the checkpoint (default: latest)")
+  p.add_argument("--json", action="store_true", help="one JSON object: texts, token ids, stats")
+  p.add_argument("--stats", action="store_true", help="tokens/s (timed after a warm-up call), "
+                 "forward passes, tokens per forward")
+  p.set_defaults(func=_generate)
+
+  p = sub.add_parser("bench", help="benchmarks")
+  bench = p.add_subparsers(dest="action", required=True)
+  p = bench.add_parser("generate", help="generation throughput: diffusion samplers vs KV-cached "
+                       "AR vs PyTorch, with a judge perplexity beside every speed-up")
+  add_bench_generate_args(p)
+  p.set_defaults(func=_bench_generate)
+
   p = sub.add_parser("tokenizer", help="SentencePiece tokenizer of the data mix")
   tok = p.add_subparsers(dest="action", required=True)
   p = tok.add_parser("train", help="train on a sample of the configured mix; writes "
@@ -196,6 +259,32 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--out", required=True, help="output folder (one dataset per source)")
   p.set_defaults(func=_data_tfds)
   return parser
+
+
+def add_bench_generate_args(p: argparse.ArgumentParser) -> None:
+  """`dhara bench generate`'s options (bench/generate_throughput.py takes the same)."""
+  p.add_argument("run_dir", help="the diffusion run")
+  p.add_argument("--ar-run", default=None, help="the AR run (default: the one the diffusion "
+                 "run's conversion record names)")
+  p.add_argument("--batches", type=positive_ints, default=(1, 8, 64), help="batch sizes B "
+                 "(default 1,8,64)")
+  p.add_argument("--new-tokens", type=positive_ints, default=(100, 256), help="new tokens G "
+                 "(default 100,256)")
+  p.add_argument("--runs", type=positive_int, default=3, help="timed runs per setting after a "
+                 "compile and a warm-up call; the median is reported (default 3)")
+  p.add_argument("--prompt-tokens", type=positive_int, default=16,
+                 help="tokens per prompt (default 16)")
+  p.add_argument("--quick", action="store_true", help="B=1, one small G, 1 run (for tests)")
+  p.add_argument("--json", action="store_true", help="one JSON document: rows and headline")
+
+
+def positive_ints(text: str) -> tuple[int, ...]:
+  """argparse type: a comma-separated list of positive integers, e.g. 1,8,64."""
+  parts = text.split(",")
+  if not all(p.isdigit() and int(p) >= 1 for p in parts):
+    raise argparse.ArgumentTypeError(f"expected positive integers separated by commas, got "
+                                     f"{text!r}")
+  return tuple(int(p) for p in parts)
 
 
 def positive_int(text: str) -> int:

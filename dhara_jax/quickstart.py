@@ -2,12 +2,15 @@
 
 1. Train a SentencePiece tokenizer on the shipped 50/30/20 mix.
 2. Train a tiny LLaMA3-Canon with the AR objective (held-out loss before and after).
-3. Sample a continuation.
+3. Sample a continuation (KV-cached AR decoding).
 4. Export to PyTorch (custom code: Canon) and compare logits; import back bit-exactly.
 5. Convert it to a masked-diffusion model (`dhara convert`, a short WSD ladder): held-out
    diffusion loss of an untrained model, of the AR model and of the converted one; export the
    diffusion model with a parity check.
-6. Write OUT/summary.json and OUT/loss_curve.png.
+6. Generate from both: the AR model with its KV cache against the diffusion samplers with the
+   exact block cache, tokens/s and speed-up with the quality proxy beside it (the AR model's
+   perplexity of each output, its distinct-2-gram rate).
+7. Write OUT/summary.json and OUT/loss_curve.png.
 
 Run again with the same OUT, it resumes (a finished run trains no further).
 """
@@ -28,14 +31,24 @@ from dhara_jax.convert import convert
 from dhara_jax.errors import DharaError
 from dhara_jax.export import export_hf, import_hf
 from dhara_jax.export.parity import load_torch_model, torch_logits
-from dhara_jax.generate import generate
 from dhara_jax.metrics import read_metrics
 from dhara_jax.model import forward
+from dhara_jax.phases import Phase
 from dhara_jax.plot import plot_run
+from dhara_jax.sampling import Sampling, generate, trained_phase
 
 CONFIG = "configs/runs/quickstart.yaml"
 CONVERT_CONFIG = "configs/runs/quickstart_convert.yaml"
 PROMPT = "The history of science"
+# A tiny model's first sample: a cooler, top-k cut distribution reads as words where T = 0.8 over
+# the whole vocabulary did not ("sciencet can in the!libiMoous").
+SAMPLE = Sampling(max_new_tokens=48, temperature=0.7, top_k=40)
+# Step 6: G new tokens at batch 1; diffusion at one token per step, by threshold, and four tokens
+# per step in blocks of four (the cheapest forward on a CPU, where a step's cost grows with its
+# block; see README "Generation").
+GENERATED = 64
+DIFFUSION_SETTINGS = {"steps=G": {"steps": GENERATED}, "τ=0.7": {"threshold": 0.7},
+                      "4/step, block 4": {"steps": GENERATED // 4, "block_length": 4}}
 # Max |Δlogit| between JAX and transformers, both float32. The trained model's attention scores
 # reach ~100, so its logits move by ~1e-4 when a matmul sums in another order: torch's CPU
 # matmul does so now and then (1.6e-4 and 3.0e-4 seen, against 3.8e-6 usually). An export bug
@@ -67,18 +80,19 @@ def run(out_dir: str | Path, config: str = CONFIG, overrides: tuple[str, ...] = 
   if len(evals) < 2:
     raise DharaError("quickstart: the run has no held-out losses to compare")
 
-  log("3/6 sampling")
-  ids = generate(cfg.model, params, tokenizer.encode(PROMPT).tolist(), max_new_tokens=48,
-                 temperature=0.8, seed=cfg.train.seed)
-  sample = PROMPT + tokenizer.decode(ids)
+  log("3/7 sampling")
+  prompt = tokenizer.encode(PROMPT).tolist()
+  sampling = dataclasses.replace(SAMPLE, seed=cfg.train.seed)
+  sample = PROMPT + tokenizer.decode(generate(cfg.model, params, [prompt], sampling,
+                                              eos_id=tokenizer.eos_id).tokens[0])
   log(f"    {sample!r}")
 
-  log("4/6 export to PyTorch and back")
+  log("4/7 export to PyTorch and back")
   batch = next(make_eval_iterator(dataclasses.replace(cfg.data, batch_size=2),
                                   tokenizer=tokenizer))
   export = export_with_parity(cfg.model, params, out / "hf", batch)
 
-  log("5/6 converting to masked diffusion (WSD over the block size)")
+  log("5/7 converting to masked diffusion (WSD over the block size)")
   untrained = untrained_diffusion_loss(cfg, tokenizer.mask_id)
   # The AR run's train.* overrides are not the conversion's (its steps come from its budget).
   converted = convert(out / "run", CONVERT_CONFIG,
@@ -89,7 +103,17 @@ def run(out_dir: str | Path, config: str = CONFIG, overrides: tuple[str, ...] = 
       diffusion_cfg.model, jax.device_get(converted["state"]["params"]), out / "hf_diffusion",
       batch)
 
-  log("6/6 summary")
+  log("6/7 generation: AR with its KV cache against the diffusion model's block cache")
+  diffusion_params = jax.device_get(converted["state"]["params"])
+  speed = generation_speed(cfg.model, params, diffusion_cfg.model, diffusion_params,
+                           trained_phase(out / "diffusion"), prompt, tokenizer)
+  for name, row in speed["rows"].items():
+    log(f"    {name:<28} {row['tokens_per_second']:>8,.0f} tok/s  ×{row['speedup']:.2f}  "
+        f"{row['tokens_per_forward']:.1f} tok/forward  judge ppl {_fmt(row['judge_ppl'])}  "
+        f"distinct-2 {_fmt(row['distinct_2'], '.2f')}")
+  log(f"    diffusion: {speed['diffusion_sample']!r}")
+
+  log("7/7 summary")
   curve = plot_run(out / "run", out / "loss_curve.png")
   trained = [r for r in rows if "loss" in r]
   diffusion = {"untrained": untrained, "ar_model": conversion_rows[0]["diffusion_loss"],
@@ -105,6 +129,7 @@ def run(out_dir: str | Path, config: str = CONFIG, overrides: tuple[str, ...] = 
       "held_out_loss_fell": evals[-1] < evals[0],
       "tokens_per_second": float(np.median([r["tokens_per_second"] for r in trained])),
       "sample": sample,
+      "generation": speed,
       "export": export,
       "diffusion_loss": diffusion,
       "diffusion_loss_fell": diffusion["converted"] < min(diffusion["ar_model"],
@@ -140,11 +165,48 @@ def export_with_parity(model: config_lib.ModelConfig, params, out: Path, batch: 
           "parity_ok": max_diff <= PARITY_TOLERANCE, "import_exact": exact}
 
 
+def generation_speed(ar_model: config_lib.ModelConfig, ar_params, model: config_lib.ModelConfig,
+                     params, phase, prompt: list[int], tokenizer) -> dict:
+  """Tokens/s at batch 1 (median of 3 timed calls after a compile and a warm-up) of greedy
+  KV-cached AR decoding and of the diffusion settings, each with the speed-up over AR and the
+  AR model's perplexity of its output (the judge) and distinct-2-gram rate beside it."""
+  from dhara_jax.generation_bench import distinct_2, judge_perplexity
+
+  eos_id = tokenizer.eos_id
+
+  def measured(m, p, sampling, phase):
+    out = generate(m, p, [prompt], sampling, phase=phase, eos_id=eos_id)
+    generate(m, p, [prompt], sampling, phase=phase, eos_id=eos_id)
+    times = []
+    for _ in range(3):
+      start = time.perf_counter()
+      generate(m, p, [prompt], sampling, phase=phase, eos_id=eos_id)
+      times.append(time.perf_counter() - start)
+    tokens = len(out.tokens[0])
+    return out, {"tokens_per_second": tokens / float(np.median(times)), "forwards": out.forwards,
+                 "tokens_per_forward": tokens / out.forwards,
+                 "judge_ppl": judge_perplexity(ar_model, ar_params, [prompt], out.tokens,
+                                               len(prompt) + GENERATED),
+                 "distinct_2": distinct_2(out.tokens)}
+
+  _, ar = measured(ar_model, ar_params, Sampling(max_new_tokens=GENERATED), Phase("ar"))
+  rows, sample = {"AR, KV cache": {**ar, "speedup": 1.0}}, None
+  for name, settings in DIFFUSION_SETTINGS.items():
+    out, row = measured(model, params, Sampling(max_new_tokens=GENERATED, **settings), phase)
+    rows[f"diffusion {name}"] = {**row, "speedup": row["tokens_per_second"] /
+                                 ar["tokens_per_second"]}
+    sample = sample or PROMPT + tokenizer.decode(out.tokens[0])
+  return {"new_tokens": GENERATED, "rows": rows, "diffusion_sample": sample}
+
+
+def _fmt(x, spec: str = ".1f") -> str:
+  return "n/a" if x is None else format(x, spec)
+
+
 def untrained_diffusion_loss(cfg: config_lib.Config, mask_token_id: int) -> float:
   """The held-out diffusion loss (the mdm ELBO, fixed masks) of a freshly initialised
   diffusion model of the quickstart's architecture: the floor a conversion must beat."""
   from data_pipeline import make_eval_iterator
-  from dhara_jax.phases import Phase
   from dhara_jax.sharding import make_mesh
   from dhara_jax.train import build, init_state, make_eval_step
 

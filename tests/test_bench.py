@@ -31,6 +31,10 @@ SCRIPTS = {
     "canon_kernel.py": (["--batch", "1", "--channels", "128", "--dtype", "float32", "--impl",
                          "reference", "xla", "--iters", "1"],
                         r"^xla +fwd\+bwd +1×1024 +128 +float32 +[\d.]+ +([\d.]+)"),
+    "generate_speed.py": (["--config", "configs/runs/quickstart.yaml", "--batches", "1",
+                           "--new-tokens", "8", "--block", "4", "--prompt", "4", "--runs", "1",
+                           "model.num_layers=1"],
+                          r"block cache, 2 steps +[\d,]+ +2 +4\.0 +([\d.]+)$"),
 }
 
 
