@@ -68,10 +68,10 @@ def run(out_dir: str | Path, config: str = CONFIG, overrides: tuple[str, ...] = 
   if tokenizer_path.is_file():
     tokenizer = load_tokenizer(tokenizer_path)
   else:
-    log("1/6 tokenizer: SentencePiece BPE on the shipped mix")
+    log("1/7 tokenizer: SentencePiece BPE on the shipped mix")
     tokenizer = train_tokenizer(cfg.data, cfg.model, log=lambda line: log(f"    {line}"))
 
-  log(f"2/6 training {cfg.model.family} (canon {cfg.model.canon_set or '-'}), "
+  log(f"2/7 training {cfg.model.family} (canon {cfg.model.canon_set or '-'}), "
       f"{cfg.train.steps} steps of {cfg.data.batch_size}×{cfg.data.seq_len} tokens")
   result = loop.run(cfg, out / "run")
   params = jax.device_get(result["state"]["params"])
