@@ -16,25 +16,22 @@ No dataset, tokenizer or install needed; part of bench/gpu_check.sh.
 from __future__ import annotations
 
 import argparse
-import time
+import dataclasses
+import math
 
 import jax
 import numpy as np
 
 from dhara_jax import config
+from dhara_jax.generation_bench import timed_calls
 from dhara_jax.model import init_params
 from dhara_jax.phases import Phase
 from dhara_jax.sampling import Sampling, generate
 
 
 def _seconds(call, runs: int) -> float:
-  call()  # compile
-  call()  # warm up
-  times = []
-  for _ in range(runs):
-    start = time.perf_counter()
-    call()
-    times.append(time.perf_counter() - start)
+  """Median wall time of `runs` calls after a compiling call and a warm-up."""
+  times = timed_calls(call, runs, slow_seconds=math.inf)[2]
   return float(np.median(times))
 
 
@@ -52,8 +49,8 @@ def main() -> None:
   args = parser.parse_args()
   cfg = config.load(args.config, args.overrides).model
   if cfg.mask_token_id < 0:
-    cfg = cfg.__class__(**{**cfg.__dict__, "mask_token_id": cfg.vocab_size - 1})
-  ar_cfg = cfg.__class__(**{**cfg.__dict__, "attention": "causal"})
+    cfg = dataclasses.replace(cfg, mask_token_id=cfg.vocab_size - 1)
+  ar_cfg = dataclasses.replace(cfg, attention="causal")
   params = init_params(cfg, jax.random.key(0))
   new, block = args.new_tokens, args.block
   print(f"{args.config}: {cfg.family}, {cfg.num_layers} layers, d {cfg.d_model}, {cfg.dtype}, "

@@ -357,15 +357,16 @@ def grid_settings(phase: Phase, new_tokens: int) -> list[Setting]:
   return out
 
 
-def _timed(call: Callable[[], Any], runs: int) -> tuple[Any, float, list[float], bool]:
+def timed_calls(call: Callable[[], Any], runs: int, slow_seconds: float = SLOW_CALL_SECONDS
+                ) -> tuple[Any, float, list[float], bool]:
   """(first result, seconds of the first call (it compiles), seconds of each timed call,
-  whether a warm-up call preceded them). A setting whose first call took over
-  SLOW_CALL_SECONDS gets one timed call and no warm-up: at that length neither changes the
-  time much, and the default grid must fit in its budget."""
+  whether a warm-up call preceded them). A call whose first run took over `slow_seconds`
+  gets one timed call and no warm-up: at that length neither changes the time much, and the
+  default grid must fit in its budget."""
   started = time.perf_counter()
   result = call()
   first = time.perf_counter() - started
-  warmed = first <= SLOW_CALL_SECONDS
+  warmed = first <= slow_seconds
   if warmed:
     call()
   times = []
@@ -460,7 +461,7 @@ def run_bench(run_dir: str | Path, ar_run: str | Path | None = None,
         model = ar if setting.family == "ar" else diffusion
         call = functools.partial(generate, model.cfg.model, model.params, prompts,
                                  setting.sampling, phase=model.phase, eos_id=eos)
-        out, first, times, warmed = _timed(call, runs)
+        out, first, times, warmed = timed_calls(call, runs)
         row = _measured(_row(B, G, setting, model.phase), out.tokens, out.forwards, first,
                         times, warmed)
         rows.append(judged(row, prompts, out.tokens))
@@ -580,7 +581,7 @@ def torch_peers(hf_dirs: dict[str, str], jobs: list[dict], runs: int,
                                eos_token_id=job["eos"])
         return _new_token_rows(out, ids.shape[1], job["eos"])
     try:
-      tokens, first, times, warmed = _timed(lambda: (forwards.__setitem__(0, 0), call())[1],
+      tokens, first, times, warmed = timed_calls(lambda: (forwards.__setitem__(0, 0), call())[1],
                                             runs)
     except Exception as e:  # a peer that fails is a row that says why, not a failed bench
       hook.remove()

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import time
 from pathlib import Path
 
@@ -170,18 +171,12 @@ def generation_speed(ar_model: config_lib.ModelConfig, ar_params, model: config_
   """Tokens/s at batch 1 (median of 3 timed calls after a compile and a warm-up) of greedy
   KV-cached AR decoding and of the diffusion settings, each with the speed-up over AR and the
   AR model's perplexity of its output (the judge) and distinct-2-gram rate beside it."""
-  from dhara_jax.generation_bench import distinct_2, judge_perplexity
-
-  eos_id = tokenizer.eos_id
+  from dhara_jax.generation_bench import distinct_2, judge_perplexity, timed_calls
 
   def measured(m, p, sampling, phase):
-    out = generate(m, p, [prompt], sampling, phase=phase, eos_id=eos_id)
-    generate(m, p, [prompt], sampling, phase=phase, eos_id=eos_id)
-    times = []
-    for _ in range(3):
-      start = time.perf_counter()
-      generate(m, p, [prompt], sampling, phase=phase, eos_id=eos_id)
-      times.append(time.perf_counter() - start)
+    out, _, times, _ = timed_calls(
+        lambda: generate(m, p, [prompt], sampling, phase=phase, eos_id=tokenizer.eos_id), 3,
+        slow_seconds=math.inf)
     tokens = len(out.tokens[0])
     return out, {"tokens_per_second": tokens / float(np.median(times)), "forwards": out.forwards,
                  "tokens_per_forward": tokens / out.forwards,

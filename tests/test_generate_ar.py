@@ -15,7 +15,7 @@ from dhara_jax.model import forward, forward_cached, init_cache
 from dhara_jax.model.cache import Decode
 from dhara_jax.sampling import Sampling, generate, left_aligned
 from dhara_jax.sampling import ar
-from dhara_jax.sampling.api import left_padded
+from dhara_jax.sampling.rows import left_padded
 from tiny import random_params, tiny_config
 
 # Canon on LLaMA3 (A, C) and on every position of LFM2 (B on its short convs too); GPT-2's

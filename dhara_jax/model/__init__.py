@@ -64,13 +64,13 @@ def forward_hidden(cfg: ModelConfig, params: Params, tokens_BxL: jax.Array,
 Cache = dict[str, Any]
 
 
-def init_cache(cfg: ModelConfig, batch: int, length: int, dtype: Any = None) -> Cache:
+def init_cache(cfg: ModelConfig, batch: int, length: int) -> Cache:
   """An empty generation cache for `batch` rows of `length` slots (model/cache.py): keys and
   values per attention layer, the last K−1 inputs per convolution; in the compute dtype."""
   decode = Decode(jnp.zeros((), jnp.int32), jnp.zeros((batch,), jnp.int32), length)
   shapes = jax.eval_shape(lambda p: forward_cached(cfg, p, jnp.zeros((batch, 1), jnp.int32),
                                                    {}, decode)[1], param_shapes(cfg))
-  return jax.tree.map(lambda s: jnp.zeros(s.shape, dtype or s.dtype), shapes)
+  return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
 
 
 def forward_cached(cfg: ModelConfig, params: Params, tokens_BxC: jax.Array, cache: Cache,

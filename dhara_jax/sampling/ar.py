@@ -2,7 +2,7 @@
 tokens, settings) — the prompt's prefill, then a `while_loop` of single-token steps over a
 static cache that stops once every row has met EOS.
 
-Rows are left-padded to a common prompt length (sampling/api.py); model/cache.py keeps the
+Rows are left-padded to a common prompt length (sampling/rows.py); model/cache.py keeps the
 padding out of attention and convolutions, so a row decodes as it would alone. `cached=False`
 recomputes the whole canvas at every step instead: the reference the cache must equal.
 """

@@ -42,6 +42,7 @@ from dhara_jax.model import apply_head, forward, forward_cached, init_cache
 from dhara_jax.model.cache import Decode
 from dhara_jax.phases import Phase
 from dhara_jax.sampling.ar import best
+from dhara_jax.sampling.rows import finished_rows, left_padded
 from dhara_jax.sampling.settings import Generation, Sampling
 
 log = logging.getLogger(__name__)
@@ -49,8 +50,6 @@ log = logging.getLogger(__name__)
 
 def generate(model: ModelConfig, params: Any, prompts: Sequence[Sequence[int]], s: Sampling,
              phase: Phase, eos_id: int | None) -> Generation:
-  from dhara_jax.sampling.api import finished_rows, left_padded
-
   if model.mask_token_id < 0:
     raise DharaError("generate: the model's mask_token_id is unresolved (-1); set "
                      "model.mask_token_id to the tokenizer's <mask> id")

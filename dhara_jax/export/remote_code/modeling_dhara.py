@@ -552,8 +552,8 @@ class DharaForMaskedDiffusion(DharaForCausalLM):
     for k in range(max_new_tokens // b):
       lo, hi = prompt_len + k * b, prompt_len + (k + 1) * b
       in_block = (slot >= lo) & (slot < hi)
-      # Threshold: each step commits ≥ 1 token of each row with masks, so b steps end a block
-      # (a committed prediction of the mask token itself stays masked, as in LLaDA).
+      # Threshold: each step commits ≥ 1 token of each row with masks (the mask token is never
+      # a candidate), so b steps end a block.
       for t in range(b if threshold is not None else per_block):
         x = _diffusion_step(self, x, attention, in_block, mask_id, remasking, temperature,
                             generator, n_commit=schedule[t] if threshold is None else None,
