@@ -4,21 +4,28 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
 from pathlib import Path
 from typing import Any, Iterator
 
 import jax
+import numpy as np
+import sentencepiece as spm
 import yaml
 
+from data_pipeline.config import resolve_input
 from dhara_jax import config as config_lib
 from dhara_jax.checkpoint import Checkpointer
 from dhara_jax.config import Config, DataConfig, MeshConfig
 from dhara_jax.errors import DharaError
 from dhara_jax.export import export_hf, import_hf
+from dhara_jax.export.card import read_summary, write_model_card
+from dhara_jax.export.tokenizer import write_token_ids, write_tokenizer
 from dhara_jax.loop import prepare_run_dir
 from dhara_jax.sharding import make_mesh
 from dhara_jax.train import abstract_state, build, fresh_state
 
+log = logging.getLogger(__name__)
 SINGLE_DEVICE = MeshConfig(data=1, fsdp=1, tensor=1)
 
 
@@ -69,8 +76,50 @@ def restore_params(run_dir: Path, step: int | None = None) -> tuple[Config, Any,
 
 
 def export_run(run_dir: Path, out: Path, step: int | None = None, code: str = "auto") -> Path:
-  cfg, params, _ = restore_params(run_dir, step)
-  return export_hf(cfg.model, params, out, code)
+  """The transformers directory of checkpoint `step` (default: latest), with the run's
+  tokenizer (its special ids then fill config.json) and a README.md model card carrying
+  `eval/summary.json` when the run has one."""
+  run_dir = Path(run_dir)
+  summary_path = run_dir / "eval" / "summary.json"
+  summary = read_summary(summary_path)  # a damaged one fails before anything is written
+  cfg, params, step = restore_params(run_dir, step)
+  out = export_hf(cfg.model, params, out, code)
+  proto = _export_tokenizer(run_dir, step, cfg)
+  if proto is not None:
+    write_tokenizer(proto, out, cfg.model.max_seq_len)
+    write_token_ids(out, proto)
+  if summary is not None and summary.get("step") not in (None, step):
+    log.warning("export: %s is of step %s, the export of step %d", summary_path,
+                summary["step"], step)
+  num_params = sum(int(np.size(x)) for x in jax.tree.leaves(params))
+  write_model_card(out, run_dir.resolve().name, summary,
+                   {**dataclasses.asdict(cfg.model), "num_params": num_params})
+  return out
+
+
+def _export_tokenizer(run_dir: Path, step: int, cfg: Config) -> bytes | None:
+  """The tokenizer saved with checkpoint `step`, else (an imported run) the config's
+  data.tokenizer when that file exists and fits the model; None (logged) otherwise."""
+  proto = saved_tokenizer(run_dir, step)
+  source = f"the tokenizer saved with step {step}"
+  if proto is None:
+    path = resolve_input(cfg.data.tokenizer)
+    if not path.is_file():
+      log.warning("export: no tokenizer written (step %d saved none and data.tokenizer %s "
+                  "does not exist)", step, cfg.data.tokenizer)
+      return None
+    proto, source = path.read_bytes(), f"data.tokenizer {path}"
+  pieces = spm.SentencePieceProcessor()
+  try:
+    pieces.LoadFromSerializedProto(proto)
+  except RuntimeError:
+    log.warning("export: no tokenizer written (%s is not a SentencePiece model)", source)
+    return None
+  if pieces.vocab_size() > cfg.model.vocab_size:  # ids the embedding has no row for
+    log.warning("export: no tokenizer written (%s has %d tokens, model.vocab_size is %d)",
+                source, pieces.vocab_size(), cfg.model.vocab_size)
+    return None
+  return proto
 
 
 def import_into_run(hf_dir: Path, run_dir: Path, base: Config | None = None) -> Path:
