@@ -1,0 +1,157 @@
+"""The Monte-Carlo ELBO of a masked-diffusion model, LLaDA's estimator of log p(continuation |
+context) for multiple choice.
+
+For a continuation of T tokens after a clean context (the context is never masked): draw
+l ∈ {1..T}, mask l continuation tokens chosen uniformly, and score
+  −(T / l) · Σ_masked CE(token | x_t)
+averaged over `mc_samples` draws. The l are stratified: sample k takes
+l = ⌊(k + u) / n · T⌋ + 1 with one u ~ U(0, 1) per request, so the n draws cover {1..T} evenly and
+each is marginally uniform (the average stays unbiased). A one-token continuation has a single
+possible mask and is exact with one sample. Draws are seeded by the request's tokens: a request
+scores the same in any batch. Labels are aligned as the model was trained (objectives.py):
+position j − 1 predicts token j; a block-diffusion model reads the predictor of each block's
+first token from the clean stream (objectives.block_predictors).
+"""
+
+from __future__ import annotations
+
+import functools
+import zlib
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dhara_jax.config import ModelConfig
+from dhara_jax.errors import DharaError
+from dhara_jax.phases import Phase
+from eval.scoring import (DEFAULT_BATCH_TOKENS, DEFAULT_MC_SAMPLES, Batcher, Pair, Row, Score,
+                          eval_mesh, replicated)
+
+
+def mask_counts(samples: int, length: int, u: float) -> np.ndarray:
+  """Stratified l ∈ {1..length} for `samples` draws."""
+  return np.floor((np.arange(samples) + u) / samples * length).astype(np.int64) + 1
+
+
+def draws(whole: Sequence[int], length: int, samples: int, seed: int
+          ) -> list[tuple[np.ndarray, float]]:
+  """(which of the last `length` tokens are masked, weight T/l) for each draw."""
+  rng = np.random.default_rng([seed, zlib.crc32(np.asarray(whole, np.int32).tobytes()), length])
+  counts = mask_counts(samples, length, rng.random())
+  out = []
+  for count in counts:
+    order = rng.permutation(length)
+    out.append((order < count, length / count))
+  return out
+
+
+class ELBOScorer:
+  """(ELBO, is_greedy) per (context, continuation); is_greedy: every continuation token is the
+  argmax with the whole continuation masked (one extra row when T > 1)."""
+
+  def __init__(self, cfg: ModelConfig, params: Any, phase: Phase, *,
+               mc_samples: int = DEFAULT_MC_SAMPLES, seed: int = 0, mesh: Any = None,
+               batch_tokens: int = DEFAULT_BATCH_TOKENS, pad_id: int = 0,
+               progress: Callable[[int], None] | None = None):
+    if not phase.diffusion:
+      raise DharaError("eval: the ELBO scorer is for diffusion models (phase is ar)")
+    if mc_samples < 1:
+      raise DharaError(f"eval: mc_samples must be ≥ 1, got {mc_samples}")
+    if cfg.mask_token_id < 0:
+      raise DharaError("eval: the model's mask_token_id is unresolved (-1)")
+    self.cfg, self.phase, self.pad_id, self.progress = cfg, phase, pad_id, progress
+    self.mc_samples, self.seed = mc_samples, seed
+    self.mesh = mesh if mesh is not None else eval_mesh()
+    self.batcher = Batcher(cfg, batch_tokens // (2 if phase.objective == "block" else 1),
+                           self.mesh)
+    self.params = replicated(cfg, params, self.mesh)
+    block = phase.block_size if phase.objective == "block" else 0
+    self._step = jax.jit(functools.partial(_elbo_terms, cfg, block))
+    self.block = block
+
+  def rows(self, pairs: Sequence[Pair]) -> list[Row]:
+    rows = []
+    for i, (context, continuation) in enumerate(pairs):
+      if not continuation:
+        raise DharaError("eval: a request has an empty continuation")
+      whole = [*context, *continuation][-self.cfg.max_seq_len:]
+      length = min(len(continuation), len(whole) - 1)  # token 0 has no predictor
+      if length < 1:
+        raise DharaError("eval: a request has no context token to predict from")
+      samples = 1 if length == 1 else self.mc_samples
+      for masked, weight in draws(whole, length, samples, self.seed):
+        rows.append(Row(whole, [i], (masked, weight, False)))
+      if length > 1:
+        rows.append(Row(whole, [i], (np.ones(length, bool), 0.0, True)))
+    return rows
+
+  def score(self, pairs: Sequence[Pair]) -> list[Score]:
+    totals = np.zeros(len(pairs))
+    samples = np.zeros(len(pairs), np.int64)
+    greedy = np.zeros(len(pairs), bool)
+    done = set()
+    for length, batch in self.batcher.batches(self.rows(pairs), lambda r: len(r.tokens)):
+      if self.block and length % self.block:
+        raise DharaError(f"eval: row length {length} is not a multiple of the model's block "
+                         f"size {self.block}")
+      count = self.batcher.rows_for(length)
+      x0 = np.full((count, length), self.pad_id, np.int32)
+      segments = np.zeros((count, length), np.int32)
+      masked = np.zeros((count, length), bool)
+      weight = np.zeros((count,), np.float32)
+      for r, row in enumerate(batch):
+        end = len(row.tokens)
+        x0[r, :end], segments[r, :end] = row.tokens, 1
+        masked[r, end - len(row.payload[0]):end] = row.payload[0]
+        weight[r] = row.payload[1]
+      from dhara_jax.sharding import axis_rules
+
+      with jax.set_mesh(self.mesh), axis_rules():
+        nll, all_best = map(np.asarray, self._step(
+            self.params, *self.batcher.put(x0, segments, masked, weight)))
+      for r, row in enumerate(batch):
+        owner, (_, _, is_greedy_row) = row.owners[0], row.payload
+        if is_greedy_row:
+          greedy[owner] = all_best[r]
+          continue
+        totals[owner] += nll[r]
+        samples[owner] += 1
+        if len(row.payload[0]) == 1:
+          greedy[owner] = all_best[r]
+      if self.progress:
+        finished = {row.owners[0] for row in batch} - done
+        done |= finished
+        self.progress(len(finished))
+    return [(float(-t / n), bool(g)) for t, n, g in zip(totals, samples, greedy)]
+
+
+def _elbo_terms(cfg: ModelConfig, block: int, params: Any, x0_BxL: jax.Array,
+                segments_BxL: jax.Array, masked_BxL: jax.Array, weight_B: jax.Array):
+  """Per row: weight · Σ over masked tokens of −log p(x_0 token | x_t), and whether every
+  masked token is the argmax."""
+  logp_BxLxV = predictor_log_probs(cfg, block, params, x0_BxL, segments_BxL, masked_BxL)
+  targets_BxL = x0_BxL[:, 1:]
+  scored_BxL = masked_BxL[:, 1:]
+  logp_BxL = jnp.take_along_axis(logp_BxLxV, targets_BxL[..., None], axis=-1)[..., 0]
+  nll_B = -jnp.sum(jnp.where(scored_BxL, logp_BxL, 0.0), axis=1) * weight_B
+  best_BxL = jnp.argmax(logp_BxLxV, axis=-1) == targets_BxL
+  return nll_B, jnp.all(best_BxL | ~scored_BxL, axis=1)
+
+
+def predictor_log_probs(cfg: ModelConfig, block: int, params: Any, x0_BxL: jax.Array,
+                        segments_BxL: jax.Array, masked_BxL: jax.Array) -> jax.Array:
+  """log-softmax of the predictor of each token 1..L−1 (B×(L−1)×V) with the masked tokens of
+  x_0 replaced by the mask token."""
+  from dhara_jax.model import forward
+  from dhara_jax.objectives import block_predictors
+
+  xt_BxL = jnp.where(masked_BxL, cfg.mask_token_id, x0_BxL)
+  if block:
+    logits_Bx2LxV, _ = forward(cfg, params, jnp.concatenate([xt_BxL, x0_BxL], axis=1),
+                               segments_BxL, block_size=block)
+    logits_BxLxV = block_predictors(logits_Bx2LxV, block)
+  else:
+    logits_BxLxV, _ = forward(cfg, params, xt_BxL, segments_BxL)
+  return jax.nn.log_softmax(logits_BxLxV[:, :-1].astype(jnp.float32), axis=-1)
