@@ -127,6 +127,31 @@ def _generate(args: argparse.Namespace) -> int:
   return 0
 
 
+DIFFUSION_EVAL_OPTIONS = ("mc_samples", "steps", "block_length", "remasking", "threshold", "cache")
+
+
+def _eval(args: argparse.Namespace) -> int:
+  import dataclasses
+
+  from dhara_jax.sampling import Sampling
+  from eval import harness, report
+
+  given = {k: getattr(args, k) for k in DIFFUSION_EVAL_OPTIONS if getattr(args, k) is not None}
+  sampling = dataclasses.replace(Sampling(), **{k: v for k, v in given.items()
+                                                if k != "mc_samples"})
+  options = harness.Options(mc_samples=given.get("mc_samples", harness.DEFAULT_MC_SAMPLES),
+                            batch_tokens=args.batch_tokens, seed=args.seed, sampling=sampling,
+                            progress=not args.no_progress)
+  summary = report.evaluate(args.run_dir, args.tasks, limit=args.limit, data_dir=args.data_dir,
+                            out=args.out, step=args.step, options=options,
+                            gen_kwargs=args.gen_kwargs,
+                            diffusion_options=["--" + k.replace("_", "-") for k in given])
+  print(report.table(summary))
+  print(f"stored: {args.run_dir}/{report.EVAL_DIR}/ (results.json, samples/, summary.json, "
+        f"table.md)")
+  return 0
+
+
 def _bench_generate(args: argparse.Namespace) -> int:
   from dhara_jax import generation_bench
 
@@ -233,6 +258,38 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--stats", action="store_true", help="tokens/s (timed after a warm-up call), "
                  "forward passes, tokens per forward")
   p.set_defaults(func=_generate)
+
+  p = sub.add_parser("eval", help="lm-evaluation-harness tasks on a run (AR log-likelihood, "
+                     "diffusion Monte-Carlo ELBO, generation)")
+  p.add_argument("run_dir")
+  p.add_argument("--tasks", default="codelion", help="codelion (the study's 7 benchmarks, MMLU "
+                 "and GSM8K 5-shot) or comma-separated lm-eval task/group names")
+  p.add_argument("--limit", type=int, default=None, help="at most N documents per task")
+  p.add_argument("--data-dir", default=None, help="benchmark files in the layout of "
+                 "data/eval (default: that shipped slice), or 'hub' for the Hugging Face Hub")
+  p.add_argument("--out", default=None, help="also write lm-eval's results JSON here")
+  p.add_argument("--step", type=non_negative_int, default=None,
+                 help="the checkpoint (default: latest)")
+  p.add_argument("--batch-tokens", type=positive_int, default=8192,
+                 help="tokens per scoring batch (default 8192)")
+  p.add_argument("--gen-kwargs", default=None, help="lm-eval's generation overrides, e.g. "
+                 "max_gen_toks=64")
+  p.add_argument("--seed", type=int, default=0, help="the ELBO's mask draws")
+  p.add_argument("--mc-samples", type=positive_int, default=None,
+                 help="diffusion: Monte-Carlo samples per request (default 128; 1 for "
+                 "one-token continuations)")
+  p.add_argument("--steps", type=positive_int, default=None, help="diffusion generation: "
+                 "denoising steps (default: one token per step)")
+  p.add_argument("--block-length", type=positive_int, default=None,
+                 help="diffusion generation: tokens per block")
+  p.add_argument("--remasking", default=None, metavar="low_confidence|random",
+                 help="diffusion generation: which masked tokens a step commits")
+  p.add_argument("--threshold", type=float, default=None,
+                 help="diffusion generation: τ of threshold decoding")
+  p.add_argument("--cache", default=None, metavar="auto|none|block|approx",
+                 help="diffusion generation: KV cache")
+  p.add_argument("--no-progress", action="store_true", help="no progress bars")
+  p.set_defaults(func=_eval)
 
   p = sub.add_parser("bench", help="benchmarks")
   bench = p.add_subparsers(dest="action", required=True)

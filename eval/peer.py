@@ -1,0 +1,59 @@
+"""lm-eval's own `HFLM` on a run's export: the peer `dhara eval` is checked against
+(tests/test_eval_agreement.py) and timed against (bench/eval_throughput.py).
+
+Needs the `torch` extra (torch, transformers, accelerate)."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+from lm_eval.api.model import LM
+
+
+def hflm(export_dir: str | Path, batch_size: int = 16) -> Any:
+  """HFLM over an exported run (float32 on CPU), with the export's own tokenizer. Documents
+  follow EOS in our pipeline, so EOS (not HFLM's default BOS) prefixes an empty context, as
+  in DharaLM."""
+  import torch
+  from lm_eval.models.huggingface import HFLM
+  from transformers import AutoModelForCausalLM, AutoTokenizer
+
+  # trust_remote_code: our own export's code (Canon models; the DharaTokenizer, which decodes
+  # exactly where the stock backend strips spaces, and generate_until's text depends on it).
+  model = AutoModelForCausalLM.from_pretrained(export_dir, dtype=torch.float32,
+                                               trust_remote_code=True).eval()
+  tokenizer = AutoTokenizer.from_pretrained(export_dir, trust_remote_code=True)
+  return HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device="cpu",
+              prefix_token_id=tokenizer.eos_token_id, dtype=torch.float32)
+
+
+class Timed(LM):
+  """An lm-eval model that times the calls of another: seconds and request counts per request
+  type (what a requests-per-second comparison divides)."""
+
+  def __init__(self, inner: LM):
+    super().__init__()
+    self.inner = inner
+    self.seconds: dict[str, float] = {}
+    self.requests: dict[str, int] = {}
+
+  def __getattr__(self, name: str) -> Any:  # rank, world_size, tokenizer_name, ...
+    return getattr(self.__dict__["inner"], name)
+
+  def _timed(self, kind: str, requests: list, **kwargs: Any) -> list:
+    started = time.perf_counter()
+    out = getattr(self.inner, kind)(requests, **kwargs)
+    self.seconds[kind] = self.seconds.get(kind, 0.0) + time.perf_counter() - started
+    self.requests[kind] = self.requests.get(kind, 0) + len(requests)
+    return out
+
+  def loglikelihood(self, requests: list, **kwargs: Any) -> list:
+    return self._timed("loglikelihood", requests, **kwargs)
+
+  def loglikelihood_rolling(self, requests: list, **kwargs: Any) -> list:
+    return self._timed("loglikelihood_rolling", requests, **kwargs)
+
+  def generate_until(self, requests: list, **kwargs: Any) -> list:
+    return self._timed("generate_until", requests, **kwargs)
