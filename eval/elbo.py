@@ -27,7 +27,7 @@ from dhara_jax.config import ModelConfig
 from dhara_jax.errors import DharaError
 from dhara_jax.phases import Phase
 from eval.scoring import (DEFAULT_BATCH_TOKENS, DEFAULT_MC_SAMPLES, Batcher, Pair, Row, Score,
-                          eval_mesh, replicated)
+                          eval_mesh, read_log_probs, replicated, warn_cut)
 
 
 def mask_counts(samples: int, length: int, u: float) -> np.ndarray:
@@ -72,12 +72,13 @@ class ELBOScorer:
     self.block = block
 
   def rows(self, pairs: Sequence[Pair]) -> list[Row]:
-    rows = []
+    rows, cut = [], 0
     for i, (context, continuation) in enumerate(pairs):
       if not continuation:
         raise DharaError("eval: a request has an empty continuation")
       whole = [*context, *continuation][-self.cfg.max_seq_len:]
       length = min(len(continuation), len(whole) - 1)  # token 0 has no predictor
+      cut += length < len(continuation)
       if length < 1:
         raise DharaError("eval: a request has no context token to predict from")
       samples = 1 if length == 1 else self.mc_samples
@@ -85,14 +86,18 @@ class ELBOScorer:
         rows.append(Row(whole, [i], (masked, weight, False)))
       if length > 1:
         rows.append(Row(whole, [i], (np.ones(length, bool), 0.0, True)))
+    warn_cut(cut, len(pairs), self.cfg.max_seq_len)
     return rows
 
   def score(self, pairs: Sequence[Pair]) -> list[Score]:
+    from dhara_jax.sharding import axis_rules
+
     totals = np.zeros(len(pairs))
     samples = np.zeros(len(pairs), np.int64)
     greedy = np.zeros(len(pairs), bool)
-    done = set()
-    for length, batch in self.batcher.batches(self.rows(pairs), lambda r: len(r.tokens)):
+    done: set[int] = set()
+    shape = lambda row: self.batcher.shape(len(row.tokens), len(row.payload[0]))  # noqa: E731
+    for (length, width), batch in self.batcher.batches(self.rows(pairs), shape):
       if self.block and length % self.block:
         raise DharaError(f"eval: row length {length} is not a multiple of the model's block "
                          f"size {self.block}")
@@ -100,26 +105,25 @@ class ELBOScorer:
       x0 = np.full((count, length), self.pad_id, np.int32)
       segments = np.zeros((count, length), np.int32)
       masked = np.zeros((count, length), bool)
-      weight = np.zeros((count,), np.float32)
+      where = np.zeros((count, width), np.int32)  # predictor positions of the continuation
+      weights = np.zeros((count, width), np.float32)  # T / l on its masked tokens
       for r, row in enumerate(batch):
-        end = len(row.tokens)
+        end, (mask, weight, _) = len(row.tokens), row.payload
+        n = len(mask)
         x0[r, :end], segments[r, :end] = row.tokens, 1
-        masked[r, end - len(row.payload[0]):end] = row.payload[0]
-        weight[r] = row.payload[1]
-      from dhara_jax.sharding import axis_rules
-
+        masked[r, end - n:end] = mask
+        where[r, :n] = np.arange(end - n - 1, end - 1)
+        weights[r, :n] = np.where(mask, weight, 0.0)
       with jax.set_mesh(self.mesh), axis_rules():
         nll, all_best = map(np.asarray, self._step(
-            self.params, *self.batcher.put(x0, segments, masked, weight)))
+            self.params, *self.batcher.put(x0, segments, masked, where, weights)))
       for r, row in enumerate(batch):
-        owner, (_, _, is_greedy_row) = row.owners[0], row.payload
-        if is_greedy_row:
+        owner, (mask, _, is_greedy_row) = row.owners[0], row.payload
+        if is_greedy_row or len(mask) == 1:
           greedy[owner] = all_best[r]
-          continue
-        totals[owner] += nll[r]
-        samples[owner] += 1
-        if len(row.payload[0]) == 1:
-          greedy[owner] = all_best[r]
+        if not is_greedy_row:
+          totals[owner] += nll[r]
+          samples[owner] += 1
       if self.progress:
         finished = {row.owners[0] for row in batch} - done
         done |= finished
@@ -128,30 +132,39 @@ class ELBOScorer:
 
 
 def _elbo_terms(cfg: ModelConfig, block: int, params: Any, x0_BxL: jax.Array,
-                segments_BxL: jax.Array, masked_BxL: jax.Array, weight_B: jax.Array):
-  """Per row: weight · Σ over masked tokens of −log p(x_0 token | x_t), and whether every
-  masked token is the argmax."""
-  logp_BxLxV = predictor_log_probs(cfg, block, params, x0_BxL, segments_BxL, masked_BxL)
-  targets_BxL = x0_BxL[:, 1:]
-  scored_BxL = masked_BxL[:, 1:]
-  logp_BxL = jnp.take_along_axis(logp_BxLxV, targets_BxL[..., None], axis=-1)[..., 0]
-  nll_B = -jnp.sum(jnp.where(scored_BxL, logp_BxL, 0.0), axis=1) * weight_B
-  best_BxL = jnp.argmax(logp_BxLxV, axis=-1) == targets_BxL
-  return nll_B, jnp.all(best_BxL | ~scored_BxL, axis=1)
+                segments_BxL: jax.Array, masked_BxL: jax.Array, where_BxW: jax.Array,
+                weights_BxW: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Per row: Σ over the continuation of weight · −log p(x_0 token | x_t) (weight T/l on masked
+  tokens, 0 elsewhere), and whether every masked token is the argmax. The head runs on the
+  continuation's predictors only."""
+  hidden_BxLxD = predictor_hidden(cfg, block, params, x0_BxL, segments_BxL, masked_BxL)
+  targets_BxW = jnp.take_along_axis(x0_BxL, where_BxW + 1, axis=1)
+  logp_BxW, best_BxW = read_log_probs(cfg, params, hidden_BxLxD, where_BxW, targets_BxW)
+  scored_BxW = weights_BxW > 0
+  return (-jnp.sum(jnp.where(scored_BxW, logp_BxW * weights_BxW, 0.0), axis=1),
+          jnp.all(best_BxW | ~scored_BxW, axis=1))
 
 
-def predictor_log_probs(cfg: ModelConfig, block: int, params: Any, x0_BxL: jax.Array,
-                        segments_BxL: jax.Array, masked_BxL: jax.Array) -> jax.Array:
-  """log-softmax of the predictor of each token 1..L−1 (B×(L−1)×V) with the masked tokens of
-  x_0 replaced by the mask token."""
-  from dhara_jax.model import forward
+def predictor_hidden(cfg: ModelConfig, block: int, params: Any, x0_BxL: jax.Array,
+                     segments_BxL: jax.Array, masked_BxL: jax.Array) -> jax.Array:
+  """The hidden state that predicts each next token (position j predicts token j + 1), B×L×D,
+  with the masked tokens of x_0 replaced by the mask token."""
+  from dhara_jax.model import forward_hidden
   from dhara_jax.objectives import block_predictors
 
   xt_BxL = jnp.where(masked_BxL, cfg.mask_token_id, x0_BxL)
   if block:
-    logits_Bx2LxV, _ = forward(cfg, params, jnp.concatenate([xt_BxL, x0_BxL], axis=1),
-                               segments_BxL, block_size=block)
-    logits_BxLxV = block_predictors(logits_Bx2LxV, block)
-  else:
-    logits_BxLxV, _ = forward(cfg, params, xt_BxL, segments_BxL)
-  return jax.nn.log_softmax(logits_BxLxV[:, :-1].astype(jnp.float32), axis=-1)
+    hidden_Bx2LxD, _ = forward_hidden(cfg, params, jnp.concatenate([xt_BxL, x0_BxL], axis=1),
+                                      segments_BxL, block_size=block)
+    return block_predictors(hidden_Bx2LxD, block)
+  hidden_BxLxD, _ = forward_hidden(cfg, params, xt_BxL, segments_BxL)
+  return hidden_BxLxD
+
+
+def predictor_log_probs(cfg: ModelConfig, block: int, params: Any, x0_BxL: jax.Array,
+                        segments_BxL: jax.Array, masked_BxL: jax.Array) -> jax.Array:
+  """log-softmax of the predictor of each token 1..L−1 (B×(L−1)×V): the tests' reference."""
+  from dhara_jax.model import apply_head
+
+  hidden_BxLxD = predictor_hidden(cfg, block, params, x0_BxL, segments_BxL, masked_BxL)
+  return jax.nn.log_softmax(apply_head(cfg, params, hidden_BxLxD[:, :-1]), axis=-1)

@@ -42,9 +42,9 @@ STUDY_TASKS = (
     StudyTask("piqa", "PIQA", "acc_norm", "normalized accuracy"),
     StudyTask("winogrande", "WinoGrande", "acc", "accuracy"),
     StudyTask("arc_challenge", "ARC-Challenge", "acc_norm", "normalized accuracy"),
-    StudyTask("mmlu", "MMLU (5-shot)", "acc", "accuracy"),
-    StudyTask("truthfulqa_mc2", "TruthfulQA (mc2)", "acc", "mc2"),
-    StudyTask("gsm8k", "GSM8K (5-shot)", "exact_match", "exact match (strict)", "strict-match",
+    StudyTask("mmlu", "MMLU", "acc", "accuracy"),
+    StudyTask("truthfulqa_mc2", "TruthfulQA", "acc", "mc2"),
+    StudyTask("gsm8k", "GSM8K", "exact_match", "exact match (strict)", "strict-match",
               in_6_task=False),
 )
 
@@ -94,9 +94,9 @@ def _local_factory(factory: Any, root: Path) -> Any:
       path = cfg.get("dataset_path")
       if path not in data.HUB_DATASETS or cfg.get("custom_dataset"):
         return cfg
-      loader = functools.partial(_load_local, path, cfg.get("dataset_name"), root)
-      cfg["custom_dataset"] = loader
-      present = set(loader())
+      dataset = data.load_local(path, cfg.get("dataset_name"), root)  # read once
+      cfg["custom_dataset"] = functools.partial(_loaded, dataset)
+      present = set(dataset)
       for key in SPLIT_KEYS:
         if cfg.get(key) and cfg[key] not in present:
           log.info("%s: no local %s split in %s", cfg.get("task"), cfg[key], root)
@@ -109,10 +109,9 @@ def _local_factory(factory: Any, root: Path) -> Any:
   return LocalFactory(meta=factory._meta)
 
 
-def _load_local(path: str, name: str | None, root: Path, **_: Any) -> Any:
-  from eval import data
-
-  return data.load_local(path, name, root)
+def _loaded(dataset: Any, **_: Any) -> Any:
+  """lm-eval calls custom_dataset with the task's metadata as keywords."""
+  return dataset
 
 
 def resolve_tasks(spec: str, tm: Any) -> list[str]:

@@ -38,8 +38,12 @@ def evaluate(run_dir: str | Path, tasks: str = STUDY, *, limit: int | None = Non
     raise DharaError(f"eval: --limit must be ≥ 1, got {limit}")
   run_dir = Path(run_dir)
   load_run_config(run_dir)
-  if not saved_steps(run_dir):
+  steps = saved_steps(run_dir)
+  if not steps:
     raise DharaError(f"run: {run_dir} has no checkpoint yet")
+  if step is not None and step not in steps:
+    raise DharaError(f"run: {run_dir} has no checkpoint of step {step} (it has "
+                     f"{', '.join(map(str, steps))})")
   # The phase needs no params: options that do not fit the run fail before lm-eval's task
   # index (~10 s) is built.
   phase = trained_phase(run_dir)
@@ -197,7 +201,8 @@ def table(summary: dict) -> str:
   pct = lambda x: "—" if x is None else f"{100 * x:.2f}"  # noqa: E731
   lines = ["| Task | Metric | Score | ± stderr | Chance | n |", "|---|---|---:|---:|---:|---:|"]
   for r in summary["tasks"]:
-    lines.append(f"| {r['name']} | {r['metric_name']} | {pct(r['value'])} | "
+    shots = f" ({r['num_fewshot']}-shot)" if r.get("num_fewshot") else ""
+    lines.append(f"| {r['name']}{shots} | {r['metric_name']} | {pct(r['value'])} | "
                  f"{pct(r['stderr'])} | {pct(r['chance'])} | {r['n']} |")
   if summary.get("average_6") is not None:
     lines.append(f"| **6-task average** (no GSM8K) | | **{pct(summary['average_6'])}** | | | |")

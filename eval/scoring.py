@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import zlib
+import logging
 from typing import Any, Callable, Iterator, Sequence
 
 import jax
@@ -28,21 +28,23 @@ Pair = tuple[Sequence[int], Sequence[int]]  # (context tokens, continuation toke
 Score = tuple[float, bool]  # (log-likelihood, is_greedy)
 MIN_BUCKET = 16
 CANDIDATES = 8  # single-token continuations of one context scored from one row
+READ_BUCKET = 8  # the smallest number of positions a row's head reads
 DEFAULT_BATCH_TOKENS = 8192
 DEFAULT_MC_SAMPLES = 128  # LLaDA's mc_num
+log = logging.getLogger(__name__)
 
 
-def buckets(max_len: int) -> list[int]:
-  """Row lengths: powers of two from MIN_BUCKET, and the model's context itself."""
-  sizes, size = [], MIN_BUCKET
+def buckets(max_len: int, smallest: int = MIN_BUCKET, factor: int = 2) -> list[int]:
+  """Static lengths: `smallest` times powers of `factor`, and `max_len` itself."""
+  sizes, size = [], smallest
   while size < max_len:
     sizes.append(size)
-    size *= 2
+    size *= factor
   return sizes + [max_len]
 
 
-def bucket_of(length: int, max_len: int) -> int:
-  return next(b for b in buckets(max_len) if b >= length)
+def bucket_of(length: int, max_len: int, smallest: int = MIN_BUCKET, factor: int = 2) -> int:
+  return next(b for b in buckets(max_len, smallest, factor) if b >= length)
 
 
 def rows_per_batch(length: int, batch_tokens: int, shards: int) -> int:
@@ -60,31 +62,36 @@ class Row:
 
   tokens: list[int]
   owners: list[int]  # request indices this row scores
-  payload: Any = None  # scorer-specific: targets / candidates / mask weights
-  shared: bool = False  # AR: single-token continuations of one input, one candidate each
+  payload: Any = None  # scorer-specific: the reads (position, target) / mask draws
+  shared: bool = False  # AR: single-token continuations of one input, one read each
 
 
 class Batcher:
-  """Rows grouped by bucket length into fixed-shape batches, on the mesh."""
+  """Rows grouped by static shape into batches of a fixed row count per shape, on the mesh."""
 
   def __init__(self, cfg: ModelConfig, batch_tokens: int, mesh: Any):
-    self.cfg, self.batch_tokens, self.mesh = cfg, batch_tokens, mesh
     from dhara_jax.sharding import batch_shards
 
+    self.cfg, self.batch_tokens, self.mesh = cfg, batch_tokens, mesh
     self.shards = batch_shards(mesh)
 
-  def batches(self, rows: list[Row], width: Callable[[Row], int]
-              ) -> Iterator[tuple[int, list[Row]]]:
-    """(bucket length, rows) in batches of a fixed row count per bucket, longest first (a
-    first batch that does not fit in memory fails at once)."""
-    by_bucket: dict[int, list[Row]] = {}
+  def shape(self, length: int, reads: int) -> tuple[int, int]:
+    """(row length, reads per row) buckets: the head runs on the reads only."""
+    row = bucket_of(length, self.cfg.max_seq_len)
+    # Reads in steps of 4×: the head is cheap next to the trunk, a compile is not.
+    return row, bucket_of(reads, row, READ_BUCKET, factor=4)
+
+  def batches(self, rows: list[Row], shape: Callable[[Row], tuple[int, int]]
+              ) -> Iterator[tuple[tuple[int, int], list[Row]]]:
+    """(shape, rows) in batches of `rows_for` rows, longest first (a first batch that does not
+    fit in memory fails at once)."""
+    by_shape: dict[tuple[int, int], list[Row]] = {}
     for row in rows:
-      by_bucket.setdefault(bucket_of(width(row), self.cfg.max_seq_len), []).append(row)
-    for length in sorted(by_bucket, reverse=True):
-      group = by_bucket[length]
-      count = rows_per_batch(length, self.batch_tokens, self.shards)
+      by_shape.setdefault(shape(row), []).append(row)
+    for key in sorted(by_shape, reverse=True):
+      group, count = by_shape[key], self.rows_for(key[0])
       for start in range(0, len(group), count):
-        yield length, group[start:start + count]
+        yield key, group[start:start + count]
 
   def rows_for(self, length: int) -> int:
     return rows_per_batch(length, self.batch_tokens, self.shards)
@@ -118,6 +125,14 @@ def truncated(context: Sequence[int], continuation: Sequence[int], max_len: int
   return whole, min(len(continuation), len(whole) - 1)
 
 
+def warn_cut(cut: int, total: int, max_len: int) -> None:
+  """Continuations longer than the context are scored on their last tokens only (lm-eval's
+  HFLM stops with an AssertionError on them); say how many."""
+  if cut:
+    log.warning("eval: %d of %d continuations are longer than the model's context (%d "
+                "tokens); each is scored on its last tokens only", cut, total, max_len)
+
+
 class ARScorer:
   """log p(continuation | context) of a causal model: each request in one forward; requests
   whose continuation is one token and whose inputs are equal share a row (MMLU's " A".." D")."""
@@ -132,10 +147,14 @@ class ARScorer:
     self._step = jax.jit(functools.partial(_ar_scores, cfg))
 
   def rows(self, pairs: Sequence[Pair]) -> list[Row]:
-    rows, shared = [], {}
+    """Rows with their reads (position, target): a continuation's positions, or one read at
+    the last position per request sharing the row."""
+    rows, shared, cut = [], {}, 0
     for i, (context, continuation) in enumerate(pairs):
       whole, n = truncated(context, continuation, self.cfg.max_seq_len)
+      cut += n < len(continuation)
       inputs = whole[:-1]
+      end = len(inputs)
       if n == 1:  # the row is the input alone; its last position is read for the target
         key = tuple(inputs)
         row = shared.get(key)
@@ -143,57 +162,60 @@ class ARScorer:
           row = shared[key] = Row(inputs, [], [], shared=True)
           rows.append(row)
         row.owners.append(i)
-        row.payload.append(whole[-1])
+        row.payload.append((end - 1, whole[-1]))
       else:
-        rows.append(Row(inputs, [i], whole[-n:]))
+        rows.append(Row(inputs, [i], [(t, whole[t + 1]) for t in range(end - n, end)]))
+    warn_cut(cut, len(pairs), self.cfg.max_seq_len)
     return rows
 
   def score(self, pairs: Sequence[Pair]) -> list[Score]:
+    from dhara_jax.sharding import axis_rules
+
     out: list[Score | None] = [None] * len(pairs)
     rows = self.rows(pairs)
-    for length, batch in self.batcher.batches(rows, lambda r: len(r.tokens)):
+    shape = lambda row: self.batcher.shape(len(row.tokens), len(row.payload))  # noqa: E731
+    for (length, width), batch in self.batcher.batches(rows, shape):
       count = self.batcher.rows_for(length)
       tokens = np.full((count, length), self.pad_id, np.int32)
-      targets = np.zeros((count, length), np.int32)
-      last = np.zeros((count,), np.int32)
-      candidates = np.zeros((count, CANDIDATES), np.int32)
+      where = np.zeros((count, width), np.int32)
+      targets = np.zeros((count, width), np.int32)
       for r, row in enumerate(batch):
         tokens[r, :len(row.tokens)] = row.tokens
-        last[r] = len(row.tokens) - 1
-        if not row.shared:
-          n = len(row.payload)
-          targets[r, len(row.tokens) - n:len(row.tokens)] = row.payload
-        else:
-          candidates[r, :len(row.payload)] = row.payload
-      from dhara_jax.sharding import axis_rules
-
+        where[r, :len(row.payload)], targets[r, :len(row.payload)] = zip(*row.payload)
       with jax.set_mesh(self.mesh), axis_rules():
-        logp, greedy, cand_logp, cand_greedy = map(np.asarray, self._step(
-            self.params, *self.batcher.put(tokens, targets, last, candidates)))
+        logp, greedy = map(np.asarray, self._step(
+            self.params, *self.batcher.put(tokens, where, targets)))
       for r, row in enumerate(batch):
-        if not row.shared:
-          n, end = len(row.payload), len(row.tokens)
-          out[row.owners[0]] = (float(logp[r, end - n:end].sum()),
-                                bool(greedy[r, end - n:end].all()))
-        else:
+        n = len(row.payload)
+        if row.shared:
           for k, owner in enumerate(row.owners):
-            out[owner] = (float(cand_logp[r, k]), bool(cand_greedy[r, k]))
+            out[owner] = (float(logp[r, k]), bool(greedy[r, k]))
+        else:
+          out[row.owners[0]] = (float(logp[r, :n].sum()), bool(greedy[r, :n].all()))
       if self.progress:
         self.progress(sum(len(row.owners) for row in batch))
     return out  # type: ignore[return-value]
 
 
-def _ar_scores(cfg: ModelConfig, params: Any, tokens_BxL: jax.Array, targets_BxL: jax.Array,
-               last_B: jax.Array, candidates_BxK: jax.Array):
-  """Per position: log p(target at t | tokens ≤ t) and whether it is the argmax; at each row's
-  `last` position the same for K candidate tokens."""
-  from dhara_jax.model import forward
+def _ar_scores(cfg: ModelConfig, params: Any, tokens_BxL: jax.Array, where_BxW: jax.Array,
+               targets_BxW: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """At W positions per row: log p(target | tokens up to that position) and whether the
+  target is the argmax. The head runs on those positions only: on a small model it costs as
+  much as the trunk."""
+  from dhara_jax.model import forward_hidden
 
-  logits_BxLxV, _ = forward(cfg, params, tokens_BxL)
-  logp_BxLxV = jax.nn.log_softmax(logits_BxLxV.astype(jnp.float32), axis=-1)
-  best_BxL = jnp.argmax(logp_BxLxV, axis=-1)
-  logp_BxL = jnp.take_along_axis(logp_BxLxV, targets_BxL[..., None], axis=-1)[..., 0]
-  at_last_BxV = jnp.take_along_axis(logp_BxLxV, last_B[:, None, None], axis=1)[:, 0]
-  cand_logp_BxK = jnp.take_along_axis(at_last_BxV, candidates_BxK, axis=-1)
-  best_B = jnp.take_along_axis(best_BxL, last_B[:, None], axis=1)
-  return logp_BxL, best_BxL == targets_BxL, cand_logp_BxK, best_B == candidates_BxK
+  hidden_BxLxD, _ = forward_hidden(cfg, params, tokens_BxL)
+  return read_log_probs(cfg, params, hidden_BxLxD, where_BxW, targets_BxW)
+
+
+def read_log_probs(cfg: ModelConfig, params: Any, hidden_BxLxD: jax.Array,
+                   where_BxW: jax.Array, targets_BxW: jax.Array
+                   ) -> tuple[jax.Array, jax.Array]:
+  """log-softmax of the head at `where`, at `targets`, and whether each target is the argmax."""
+  from dhara_jax.model import apply_head
+
+  read_BxWxD = jnp.take_along_axis(hidden_BxLxD, where_BxW[..., None], axis=1)
+  logp_BxWxV = jax.nn.log_softmax(apply_head(cfg, params, read_BxWxD), axis=-1)
+  logp_BxW = jnp.take_along_axis(logp_BxWxV, targets_BxW[..., None], axis=-1)[..., 0]
+  # The target is the argmax iff nothing beats it (XLA:CPU's argmax is several times slower).
+  return logp_BxW, logp_BxW >= jnp.max(logp_BxWxV, axis=-1)

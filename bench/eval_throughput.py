@@ -1,0 +1,110 @@
+"""`dhara eval`'s model against lm-eval's own HFLM on the run's export: the same tasks, the
+same --limit, the same CPUs, one after the other, each in a process of its own.
+
+  python bench/eval_throughput.py RUN_DIR [--tasks codelion] [--limit 20] [--data-dir D]
+
+Prints requests per second of each side per request type (time inside the model's
+loglikelihood / generate_until calls, as lm-eval issues them) and the ratio, for the first
+evaluation (JAX compiles its few programs there) and for a second one in the same process
+(warm). The scores of both sides are printed beside the speeds: they should agree
+(tests/test_eval_agreement.py checks it on a stock-class model).
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def _side(name: str, run_dir: str, export_dir: str, args: argparse.Namespace) -> dict:
+  """One side's two evaluations: model seconds and requests per request type, and scores."""
+  import lm_eval
+
+  from eval import registry
+  from eval.harness import DharaLM, Options
+  from eval.peer import Timed, hflm
+  from eval.report import reported
+
+  tm = registry.task_manager(args.data_dir)
+  names = registry.resolve_tasks(args.tasks, tm)
+  if name == "dhara":
+    model = DharaLM.from_run(run_dir, options=Options(progress=False))
+  else:
+    import torch
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    model = hflm(export_dir, batch_size=args.batch_size)
+  passes = []
+  for _ in range(2):
+    timed = Timed(model)
+    started = time.perf_counter()
+    results = lm_eval.simple_evaluate(model=timed, tasks=names, task_manager=tm,
+                                      limit=args.limit, gen_kwargs=args.gen_kwargs,
+                                      bootstrap_iters=0, log_samples=True)
+    top = results.get("groups", {}) | results["results"]
+    scores = {task: top[task].get(f"{row.metric},{row.filter}")
+              for task, row in reported(results)}
+    passes.append({"seconds": timed.seconds, "requests": timed.requests, "scores": scores,
+                   "wall": time.perf_counter() - started})
+  return {"name": name, "passes": passes}
+
+
+def _in_process(name: str, run_dir: str, export_dir: str, args: argparse.Namespace) -> dict:
+  with multiprocessing.get_context("spawn").Pool(1) as pool:
+    return pool.apply(_side, (name, run_dir, export_dir, args))
+
+
+def main() -> int:
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p.add_argument("run_dir", help="an AR run")
+  p.add_argument("--tasks", default="codelion")
+  p.add_argument("--limit", type=int, default=20)
+  p.add_argument("--data-dir", default=None, help="default: the shipped slice")
+  p.add_argument("--batch-size", type=int, default=16, help="HFLM's batch size")
+  p.add_argument("--gen-kwargs", default="max_gen_toks=32",
+                 help="lm-eval's generation overrides (default: 32 new tokens)")
+  args = p.parse_args()
+
+  from dhara_jax.runs import export_run
+  from dhara_jax.sampling import trained_phase
+
+  if trained_phase(Path(args.run_dir)).diffusion:  # HFLM would score it as a causal LM
+    sys.exit("error: HFLM has no diffusion likelihood; give an AR run")
+  with tempfile.TemporaryDirectory() as tmp:
+    export = str(export_run(Path(args.run_dir), Path(tmp) / "hf"))
+    sides = [_in_process(name, args.run_dir, export, args) for name in ("dhara", "hflm")]
+  print(f"{args.tasks}, --limit {args.limit}, {args.gen_kwargs}; {os.cpu_count()} CPUs")
+  for label, index in (("first evaluation (JAX compiles)", 0), ("second evaluation", 1)):
+    ours, theirs = (s["passes"][index] for s in sides)
+    print(f"\n{label}")
+    print(f"  {'request type':<22} {'requests':>9} {'dhara req/s':>12} {'HFLM req/s':>11} "
+          f"{'ratio':>7}")
+    for kind in sorted(ours["requests"]):
+      n = ours["requests"][kind]
+      mine, peer = n / ours["seconds"][kind], n / theirs["seconds"][kind]
+      print(f"  {kind:<22} {n:>9,} {mine:>12,.1f} {peer:>11,.1f} {mine / peer:>6.2f}×")
+    n = sum(ours["requests"].values())
+    mine, peer = n / sum(ours["seconds"].values()), n / sum(theirs["seconds"].values())
+    print(f"  {'all':<22} {n:>9,} {mine:>12,.1f} {peer:>11,.1f} {mine / peer:>6.2f}×")
+    print(f"  wall (incl. lm-eval's own work): dhara {ours['wall']:.1f} s, "
+          f"HFLM {theirs['wall']:.1f} s")
+  print("\nscores (dhara / HFLM):")
+  for task, value in sides[0]["passes"][0]["scores"].items():
+    peer = sides[1]["passes"][0]["scores"].get(task)
+    print(f"  {task:<16} {_pct(value)} / {_pct(peer)}")
+  return 0
+
+
+def _pct(x) -> str:
+  return "—" if x is None else f"{100 * x:.2f}"
+
+
+if __name__ == "__main__":
+  sys.exit(main())
