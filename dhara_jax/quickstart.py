@@ -10,7 +10,9 @@
 6. Generate from both: the AR model with its KV cache against the diffusion samplers with the
    exact block cache, tokens/s and speed-up with the quality proxy beside it (the AR model's
    perplexity of each output, its distinct-2-gram rate).
-7. Write OUT/summary.json and OUT/loss_curve.png.
+7. Evaluate both on the study's 7 benchmarks through lm-evaluation-harness (`dhara eval`, the
+   shipped 100-example slices, --limit EVAL_LIMIT): scores, standard errors, chance floors.
+8. Write OUT/summary.json and OUT/loss_curve.png.
 
 Run again with the same OUT, it resumes (a finished run trains no further).
 """
@@ -55,6 +57,11 @@ DIFFUSION_SETTINGS = {"steps=G": {"steps": GENERATED}, "τ=0.7": {"threshold": 0
 # matmul does so now and then (1.6e-4 and 3.0e-4 seen, against 3.8e-6 usually). An export bug
 # (a mis-mapped or mis-laid-out weight, a wrong RoPE or norm) moves them by far more than 1e-3.
 PARITY_TOLERANCE = 1e-3
+# Step 7: a smoke-sized evaluation (scores of 20 documents say little; `dhara eval` without
+# --limit on full data is the real one). The diffusion ELBO takes 8 samples (LLaDA: 128).
+EVAL_LIMIT = 20
+EVAL_MC_SAMPLES = 8
+EVAL_GEN_KWARGS = "max_gen_toks=32"
 
 
 def run(out_dir: str | Path, config: str = CONFIG, overrides: tuple[str, ...] = (),
@@ -69,10 +76,10 @@ def run(out_dir: str | Path, config: str = CONFIG, overrides: tuple[str, ...] = 
   if tokenizer_path.is_file():
     tokenizer = load_tokenizer(tokenizer_path)
   else:
-    log("1/7 tokenizer: SentencePiece BPE on the shipped mix")
+    log("1/8 tokenizer: SentencePiece BPE on the shipped mix")
     tokenizer = train_tokenizer(cfg.data, cfg.model, log=lambda line: log(f"    {line}"))
 
-  log(f"2/7 training {cfg.model.family} (canon {cfg.model.canon_set or '-'}), "
+  log(f"2/8 training {cfg.model.family} (canon {cfg.model.canon_set or '-'}), "
       f"{cfg.train.steps} steps of {cfg.data.batch_size}×{cfg.data.seq_len} tokens")
   result = loop.run(cfg, out / "run")
   params = jax.device_get(result["state"]["params"])
@@ -81,19 +88,19 @@ def run(out_dir: str | Path, config: str = CONFIG, overrides: tuple[str, ...] = 
   if len(evals) < 2:
     raise DharaError("quickstart: the run has no held-out losses to compare")
 
-  log("3/7 sampling")
+  log("3/8 sampling")
   prompt = tokenizer.encode(PROMPT).tolist()
   sampling = dataclasses.replace(SAMPLE, seed=cfg.train.seed)
   sample = PROMPT + tokenizer.decode(generate(cfg.model, params, [prompt], sampling,
                                               eos_id=tokenizer.eos_id).tokens[0])
   log(f"    {sample!r}")
 
-  log("4/7 export to PyTorch and back")
+  log("4/8 export to PyTorch and back")
   batch = next(make_eval_iterator(dataclasses.replace(cfg.data, batch_size=2),
                                   tokenizer=tokenizer))
   export = export_with_parity(cfg.model, params, out / "hf", batch)
 
-  log("5/7 converting to masked diffusion (WSD over the block size)")
+  log("5/8 converting to masked diffusion (WSD over the block size)")
   untrained = untrained_diffusion_loss(cfg, tokenizer.mask_id)
   # The AR run's train.* overrides are not the conversion's (its steps come from its budget).
   converted = convert(out / "run", CONVERT_CONFIG,
@@ -104,7 +111,7 @@ def run(out_dir: str | Path, config: str = CONFIG, overrides: tuple[str, ...] = 
       diffusion_cfg.model, jax.device_get(converted["state"]["params"]), out / "hf_diffusion",
       batch)
 
-  log("6/7 generation: AR with its KV cache against the diffusion model's block cache")
+  log("6/8 generation: AR with its KV cache against the diffusion model's block cache")
   diffusion_params = jax.device_get(converted["state"]["params"])
   speed = generation_speed(cfg.model, params, diffusion_cfg.model, diffusion_params,
                            trained_phase(out / "diffusion"), prompt, tokenizer)
@@ -114,7 +121,10 @@ def run(out_dir: str | Path, config: str = CONFIG, overrides: tuple[str, ...] = 
         f"distinct-2 {_fmt(row['distinct_2'], '.2f')}")
   log(f"    diffusion: {speed['diffusion_sample']!r}")
 
-  log("7/7 summary")
+  log(f"7/8 evaluation: the study's 7 benchmarks, --limit {EVAL_LIMIT} on the shipped slice")
+  evaluation = {name: evaluate_run(out / name, log) for name in ("run", "diffusion")}
+
+  log("8/8 summary")
   curve = plot_run(out / "run", out / "loss_curve.png")
   trained = [r for r in rows if "loss" in r]
   diffusion = {"untrained": untrained, "ar_model": conversion_rows[0]["diffusion_loss"],
@@ -136,6 +146,7 @@ def run(out_dir: str | Path, config: str = CONFIG, overrides: tuple[str, ...] = 
       "diffusion_loss_fell": diffusion["converted"] < min(diffusion["ar_model"],
                                                           diffusion["untrained"]),
       "diffusion_export": diffusion_export,
+      "evaluation": evaluation,
       "loss_curve": str(curve), "seconds": round(time.perf_counter() - started, 1),
   }
   summary["failed"] = failed_checks(summary)
@@ -194,6 +205,19 @@ def generation_speed(ar_model: config_lib.ModelConfig, ar_params, model: config_
   return {"new_tokens": GENERATED, "rows": rows, "diffusion_sample": sample}
 
 
+def evaluate_run(run_dir: Path, log=print) -> dict:
+  """`dhara eval RUN_DIR --limit EVAL_LIMIT` (results stored in RUN_DIR/eval), its table
+  logged."""
+  from eval.harness import Options
+  from eval.report import evaluate, table
+
+  summary = evaluate(run_dir, limit=EVAL_LIMIT, gen_kwargs=EVAL_GEN_KWARGS,
+                     options=Options(mc_samples=EVAL_MC_SAMPLES, progress=False))
+  for line in table(summary).splitlines():
+    log(f"    {line}")
+  return summary
+
+
 def _fmt(x, spec: str = ".1f") -> str:
   return "n/a" if x is None else format(x, spec)
 
@@ -248,4 +272,8 @@ def failed_checks(summary: dict) -> list[str]:
                   f"{PARITY_TOLERANCE:.0e})")
   if not diffusion_export["import_exact"]:
     failed.append("importing the diffusion export did not give back the same config and params")
+  for name, evaluation in summary.get("evaluation", {}).items():
+    missing = [r["task"] for r in evaluation["tasks"] if r["value"] is None]
+    if missing or evaluation["average_7"] is None:
+      failed.append(f"the evaluation of {name} has no score for {', '.join(missing) or 'all 7'}")
   return failed

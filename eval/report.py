@@ -67,6 +67,9 @@ def _simple_evaluate(lm: DharaLM, names: list[str], tm: Any, limit: int | None,
                      gen_kwargs: str | None) -> dict:
   import lm_eval
 
+  quiet = not lm.options.progress and "TQDM_DISABLE" not in os.environ
+  if quiet:  # lm-eval's own bars (one per task while it builds requests)
+    os.environ["TQDM_DISABLE"] = "1"
   try:
     return lm_eval.simple_evaluate(model=lm, tasks=names, task_manager=tm, limit=limit,
                                    log_samples=True, gen_kwargs=gen_kwargs,
@@ -77,6 +80,9 @@ def _simple_evaluate(lm: DharaLM, names: list[str], tm: Any, limit: int | None,
     # lm-eval and datasets fail deep inside; one line naming the cause is what a user needs.
     raise DharaError(f"eval: lm-eval failed: {type(e).__name__}: "
                      f"{str(e).splitlines()[0] if str(e) else ''}") from e
+  finally:
+    if quiet:
+      del os.environ["TQDM_DISABLE"]
 
 
 # --- the study's table ------------------------------------------------------------------------

@@ -10,10 +10,7 @@ import pytest
 import yaml
 
 from dhara_jax.cli import main
-from dhara_jax.convert import convert
-from dhara_jax.loop import run
-from test_generate_cli import CONVERSION, ONE_STEP
-from test_train import tiny_run
+from test_generate_cli import one_step_run, shortest_conversion
 
 # The prompts need a context of 64; 4 × 64 tokens a step keeps the conversion at 3 steps.
 CONTEXT = ["model.max_seq_len=64", "data.seq_len=64", "data.batch_size=4"]
@@ -47,16 +44,12 @@ def one_task_index():
 
 @pytest.fixture(scope="module")
 def ar_run(tmp_path_factory):
-  run_dir = tmp_path_factory.mktemp("ar")
-  run(tiny_run(*ONE_STEP, *CONTEXT), run_dir, progress=False)
-  return run_dir
+  return one_step_run(tmp_path_factory.mktemp("ar"), *CONTEXT)
 
 
 @pytest.fixture(scope="module")
 def diffusion_run(ar_run, tmp_path_factory):
-  run_dir = tmp_path_factory.mktemp("diffusion")
-  convert(ar_run, "configs/runs/wsd.yaml", CONVERSION, run_dir, progress=False)
-  return run_dir
+  return shortest_conversion(ar_run, tmp_path_factory.mktemp("diffusion"))
 
 
 def _dhara(*argv):

@@ -26,19 +26,26 @@ CONVERSION = ["convert.warmup_blocks=[8]", "convert.decay_blocks=[8]", "convert.
 PROMPT = "The history of science"
 
 
+def one_step_run(run_dir, *overrides):
+  """A tiny AR run of one step (other test modules make theirs with it too)."""
+  run(tiny_run(*ONE_STEP, *overrides), run_dir, progress=False)
+  return run_dir
+
+
+def shortest_conversion(ar_run, run_dir):
+  """A conversion of `ar_run` (its record names it), ending with block diffusion at 8."""
+  convert(ar_run, "configs/runs/wsd.yaml", CONVERSION, run_dir, progress=False)
+  return run_dir
+
+
 @pytest.fixture(scope="module")
 def ar_run(tmp_path_factory):
-  run_dir = tmp_path_factory.mktemp("ar")
-  run(tiny_run(*ONE_STEP), run_dir, progress=False)
-  return run_dir
+  return one_step_run(tmp_path_factory.mktemp("ar"))
 
 
 @pytest.fixture(scope="module")
 def diffusion_run(ar_run, tmp_path_factory):
-  """A conversion of the AR run (its record names it), ending with block diffusion at 8."""
-  run_dir = tmp_path_factory.mktemp("diffusion")
-  convert(ar_run, "configs/runs/wsd.yaml", CONVERSION, run_dir, progress=False)
-  return run_dir
+  return shortest_conversion(ar_run, tmp_path_factory.mktemp("diffusion"))
 
 
 def _dhara(capsys, *argv):

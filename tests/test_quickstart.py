@@ -31,6 +31,12 @@ def test_quickstart_cli_end_to_end(tmp_path):
   assert summary["diffusion_export"]["parity_ok"] and summary["diffusion_export"]["import_exact"]
   config = json.loads((tmp_path / "hf_diffusion" / "config.json").read_text())
   assert config["architectures"] == ["DharaForMaskedDiffusion"] and config["mask_token_id"] == 4
+  for name, kind in (("run", "ar"), ("diffusion", "diffusion")):  # step 7: `dhara eval`
+    evaluation = summary["evaluation"][name]
+    assert evaluation["kind"] == kind and evaluation["limit"] == 20
+    assert [r["task"] for r in evaluation["tasks"]][-1] == "gsm8k"
+    assert len(evaluation["tasks"]) == 7 and evaluation["average_7"] is not None
+    assert (tmp_path / name / "eval" / "table.md").is_file()
 
 
 def test_quickstart_unwritable_out_is_one_line(tmp_path):
@@ -62,3 +68,7 @@ def test_failed_checks_name_each_failure_with_its_numbers():
   assert "import" in imported
   assert "7.5000" in diffusion and "7.3000" in diffusion and "8.4000" in diffusion
   assert "diffusion model" in diffusion_parity and "diffusion export" in diffusion_import
+  unscored = {"tasks": [{"task": "piqa", "value": 0.5}, {"task": "gsm8k", "value": None}],
+              "average_7": None}
+  (evaluation,) = failed_checks({**passing, "evaluation": {"run": unscored}})
+  assert "run" in evaluation and "gsm8k" in evaluation
