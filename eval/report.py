@@ -27,8 +27,11 @@ log = logging.getLogger(__name__)
 def evaluate(run_dir: str | Path, tasks: str = STUDY, *, limit: int | None = None,
              data_dir: str | Path | None = None, out: str | Path | None = None,
              step: int | None = None, options: Options = Options(),
-             gen_kwargs: str | None = None, diffusion_options: Sequence[str] = ()) -> dict:
-  """Evaluates a run on lm-eval tasks; returns the summary (also written to RUN_DIR/eval)."""
+             gen_kwargs: str | None = None, diffusion_options: Sequence[str] = (),
+             task_manager: Any = None) -> dict:
+  """Evaluates a run on lm-eval tasks; returns the summary (also written to RUN_DIR/eval).
+  `task_manager`: one from `registry.task_manager(data_dir)` to reuse (its index takes ~10 s
+  to build)."""
   from dhara_jax.generation_bench import load_run
   from dhara_jax.runs import load_run_config, saved_steps
   from dhara_jax.sampling import trained_phase
@@ -49,7 +52,7 @@ def evaluate(run_dir: str | Path, tasks: str = STUDY, *, limit: int | None = Non
   phase = trained_phase(run_dir)
   harness.check_options(phase, diffusion_options)
   harness.check_gen_kwargs(phase, gen_kwargs)
-  tm = registry.task_manager(data_dir)  # checks the data dir
+  tm = task_manager or registry.task_manager(data_dir)  # checks the data dir
   names = registry.resolve_tasks(tasks, tm)
   run = load_run(run_dir, step)
   lm = DharaLM(run, options)
@@ -245,11 +248,9 @@ def store(eval_dir: Path, results: dict, summary: dict) -> None:
 
 def _write(path: Path, text: str) -> None:
   """Whole file or nothing: a full disk leaves the previous file in place."""
-  tmp = path.with_name(path.name + ".tmp")
+  from data_pipeline.files import atomic_write
+
   try:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    atomic_write(path, text)
   except OSError as e:
-    tmp.unlink(missing_ok=True)
     raise DharaError(f"eval: cannot write {path}: {e.strerror or e}") from None
