@@ -122,7 +122,10 @@ def run(out_dir: str | Path, config: str = CONFIG, overrides: tuple[str, ...] = 
   log(f"    diffusion: {speed['diffusion_sample']!r}")
 
   log(f"7/8 evaluation: the study's 7 benchmarks, --limit {EVAL_LIMIT} on the shipped slice")
-  evaluation = {name: evaluate_run(out / name, log) for name in ("run", "diffusion")}
+  from eval.registry import task_manager
+
+  tasks = task_manager(None)  # the shipped slices; built once for both runs
+  evaluation = {name: evaluate_run(out / name, tasks, log) for name in ("run", "diffusion")}
 
   log("8/8 summary")
   curve = plot_run(out / "run", out / "loss_curve.png")
@@ -205,14 +208,15 @@ def generation_speed(ar_model: config_lib.ModelConfig, ar_params, model: config_
   return {"new_tokens": GENERATED, "rows": rows, "diffusion_sample": sample}
 
 
-def evaluate_run(run_dir: Path, log=print) -> dict:
-  """`dhara eval RUN_DIR --limit EVAL_LIMIT` (results stored in RUN_DIR/eval), its table
-  logged."""
+def evaluate_run(run_dir: Path, tasks, log=print) -> dict:
+  """`dhara eval RUN_DIR --limit EVAL_LIMIT` (results stored in RUN_DIR/eval) with the task
+  manager `tasks`, its table logged."""
   from eval.harness import Options
   from eval.report import evaluate, table
 
   summary = evaluate(run_dir, limit=EVAL_LIMIT, gen_kwargs=EVAL_GEN_KWARGS,
-                     options=Options(mc_samples=EVAL_MC_SAMPLES, progress=False))
+                     options=Options(mc_samples=EVAL_MC_SAMPLES, progress=False),
+                     task_manager=tasks)
   for line in table(summary).splitlines():
     log(f"    {line}")
   return summary
