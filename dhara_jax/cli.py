@@ -14,6 +14,15 @@ def _params(args: argparse.Namespace) -> int:
   from dhara_jax import config
   from dhara_jax.params import count_params, format_table
 
+  from dhara_jax.study import spec
+
+  if spec.is_study(args.config):  # a grid: one line per cell
+    from dhara_jax.study.command import params_table
+
+    if args.overrides:
+      raise DharaError("params: overrides do not apply to a study config (edit its cells)")
+    print(params_table(args.config, args.json))
+    return 0
   cfg = config.load(args.config, args.overrides)
   counts = count_params(cfg.model, args.seq_len)
   print(json.dumps(counts, indent=2) if args.json else format_table(counts))
@@ -149,6 +158,27 @@ def _eval(args: argparse.Namespace) -> int:
   print(report.table(summary))
   print(f"stored: {args.run_dir}/{report.EVAL_DIR}/ (results.json, samples/, summary.json, "
         f"table.md)")
+  return 0
+
+
+def _study(args: argparse.Namespace) -> int:
+  from dhara_jax.study.command import study
+
+  study(args.config, args.out, report_only=args.report, print_only=args.print_commands,
+        cell=args.cell)
+  return 0
+
+
+def _bench_throughput(args: argparse.Namespace) -> int:
+  from dhara_jax.study import throughput
+
+  sampler = {k: getattr(args, k) for k in ("steps", "block_length", "threshold", "cache",
+                                           "remasking")}
+  report = throughput.measure(args.run_dir, args.new_tokens, args.batch, args.runs,
+                              args.prompt_tokens, args.step, **sampler)
+  if args.out:
+    throughput.write(report, args.out)
+  print(json.dumps(report, indent=2) if args.json else throughput.format_report(report))
   return 0
 
 
@@ -297,6 +327,35 @@ def build_parser() -> argparse.ArgumentParser:
                        "AR vs PyTorch, with a judge perplexity beside every speed-up")
   add_bench_generate_args(p)
   p.set_defaults(func=_bench_generate)
+  p = bench.add_parser("throughput", help="one run's generation tokens/s under Dhara's "
+                       "protocol (B prompts, exactly G new tokens each)")
+  p.add_argument("run_dir")
+  p.add_argument("--new-tokens", type=positive_int, default=100, help="G (default 100)")
+  p.add_argument("--batch", type=positive_int, default=1, help="B (default 1)")
+  p.add_argument("--runs", type=positive_int, default=3, help="timed calls after a compile and "
+                 "a warm-up call; the median is reported (default 3)")
+  p.add_argument("--prompt-tokens", type=positive_int, default=16)
+  p.add_argument("--step", type=non_negative_int, default=None)
+  p.add_argument("--steps", type=int, default=None, help="diffusion: denoising steps in all")
+  p.add_argument("--block-length", type=int, default=None, help="diffusion: tokens per block")
+  p.add_argument("--threshold", type=float, default=None, help="diffusion: τ of threshold "
+                 "decoding")
+  p.add_argument("--cache", default=None, metavar="auto|none|block|approx")
+  p.add_argument("--remasking", default=None, metavar="low_confidence|random")
+  p.add_argument("--out", default=None, help="also write the JSON report here")
+  p.add_argument("--json", action="store_true")
+  p.set_defaults(func=_bench_throughput)
+
+  p = sub.add_parser("study", help="the study's grid (shapes × families × diffusion): train, "
+                     "convert, eval, throughput per cell, then report.md, results.csv, plots")
+  p.add_argument("config", help="a study config, e.g. configs/studies/tiny.yaml")
+  p.add_argument("--out", required=True, help="the study's folder (resumes if it holds it)")
+  p.add_argument("--report", action="store_true", help="only gather what has finished into "
+                 "the report")
+  p.add_argument("--print-commands", action="store_true", help="print each cell's commands "
+                 "(for a scheduler) instead of running them")
+  p.add_argument("--cell", default=None, help="run this cell only (e.g. one job of an array)")
+  p.set_defaults(func=_study)
 
   p = sub.add_parser("tokenizer", help="SentencePiece tokenizer of the data mix")
   tok = p.add_subparsers(dest="action", required=True)
