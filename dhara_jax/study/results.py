@@ -12,9 +12,8 @@ from typing import Any
 from dhara_jax.metrics import read_metrics
 from dhara_jax.params import count_params
 from dhara_jax.study import runner
+from dhara_jax.study.published import TASKS
 from dhara_jax.study.spec import Cell, Study, model_config
-
-TASKS = ("hellaswag", "piqa", "winogrande", "arc_challenge", "mmlu", "truthfulqa_mc2", "gsm8k")
 
 
 def gather(study: Study, out: Path) -> list[dict]:

@@ -117,6 +117,8 @@ def load(path: str | Path) -> Study:
     raw = yaml.safe_load(path.read_text())
   except yaml.YAMLError as e:
     raise DharaError(f"study: {path} is not valid YAML ({str(e).splitlines()[0]})") from None
+  except UnicodeDecodeError:
+    raise DharaError(f"study: {path} is not a text file") from None
   if not isinstance(raw, Mapping) or not isinstance(raw.get("cells"), list) or not raw["cells"]:
     raise DharaError(f"study: {path} needs a non-empty `cells:` list")
   known = {"study", "description", "setup", "step_timeout_minutes", "shared", "eval",
