@@ -252,3 +252,22 @@ def test_a_failed_cell_is_recorded_and_the_grid_goes_on(tmp_path, monkeypatch):
   status = runner.read_status(out, study.cell("dhara_70m"))
   assert "its AR cell llama3_canon has not finished training" in status["error"]
   assert (out / "report.md").is_file()
+
+
+def test_a_conversion_starts_from_a_parent_trained_by_a_printed_command(tmp_path, monkeypatch):
+  """A parent cell trained outside `dhara study` (no status.json) counts as trained once its
+  last step's checkpoint exists; before that its conversion is not started."""
+  monkeypatch.chdir(REPO)
+  calls = []
+  monkeypatch.setattr(runner, "_run_step", lambda argv, *_: (calls.append(argv[1]), (0, ""))[1])
+  study = spec.load(write_study(tmp_path / "toy.yaml", TOY))
+  out = tmp_path / "out"
+  runner.prepare(study, out)
+  with runner._Stopper() as stopper:
+    runner._run_cell(study, out, study.cell("dhara_70m"), stopper, lambda _: None)
+    assert calls == []
+    assert "has not finished training" in runner.read_status(out, study.cell("dhara_70m"))["error"]
+    (out / "cells" / "llama3_canon" / "run" / "checkpoints" / "20").mkdir(parents=True)
+    runner._run_cell(study, out, study.cell("dhara_70m"), stopper, lambda _: None)
+  assert calls == ["convert", "eval", "bench"]
+  assert runner.read_status(out, study.cell("dhara_70m"))["state"] == "done"

@@ -166,7 +166,7 @@ def _run_cell(study: Study, out: Path, cell: Cell, stopper: "_Stopper",
     return
   if cell.converted:
     parent = read_status(out, study.cell(cell.parent))
-    if "train" not in parent.get("done", []):
+    if not parent_trained(out, study.cell(cell.parent), parent):
       why = parent.get("error") or "it has not run"
       _save(out, cell, {**status, "state": "failed", "failed_step": "convert",
                         "error": f"its AR cell {cell.parent} has not finished training ({why})"})
@@ -194,6 +194,21 @@ def _run_cell(study: Study, out: Path, cell: Cell, stopper: "_Stopper",
     _save(out, cell, {**status, "state": "running", "step": None})
   _save(out, cell, {**status, "state": "done", "step": None, "error": None})
   log(f"study: {cell.name}: done ({sum(status['seconds'].values()):.0f} s)")
+
+
+def parent_trained(out: Path, parent: Cell, status: dict) -> bool:
+  """Whether an AR cell has finished training: by its status, or (trained by a printed
+  command, so with no status) by a checkpoint of its last step."""
+  if "train" in status.get("done", []):
+    return True
+  if status:
+    return False
+  from dhara_jax import config as config_lib
+
+  train = config_lib.from_dict(parent.raw).train
+  root = (Path(train.checkpoint_dir) if train.checkpoint_dir
+          else run_dir(out, parent) / "checkpoints")
+  return (root / str(train.steps)).is_dir()
 
 
 def _run_step(argv: list[str], log_path: Path, timeout_minutes: float,
