@@ -118,14 +118,16 @@ def _how_it_was_run(study: dict) -> str:
   sample = (f"`--limit {limit}` (at most {limit} examples per task, so scores are noisy and not "
             "comparable one-to-one with codelion's full-set numbers)" if limit
             else "no `--limit` (full task sets)")
-  data = f"data from `{ev['data_dir']}`" if ev.get("data_dir") else "the default eval data"
+  data = (f"data from `{ev['data_dir']}`" if ev.get("data_dir")
+          else "the shipped eval slices (data/eval)")
   seconds = study.get("seconds")
   wall = _duration(seconds) if isinstance(seconds, (int, float)) else "not recorded"
   config = f"Config `{study['config']}`. " if study.get("config") else ""
   return (f"**How it was run.** {config}Evaluated on the `{ev.get('tasks', '?')}` tasks with "
           f"{sample}, {data}. Throughput: G = {tp.get('new_tokens', '?')} new tokens per "
-          f"prompt, batch {tp.get('batch', '?')} (codelion: 100 new tokens, batch 1). Wall "
-          f"time {wall}. Scores are percent; {MISSING} marks one not measured (yet). Avg (6) "
+          f"prompt, batch {tp.get('batch', '?')} (codelion: 100 new tokens, batch 1). The "
+          f"cells' steps took {wall} in all (summed over cells: a grid spread over machines "
+          f"reports its total). Scores are percent; {MISSING} marks one not measured (yet). Avg (6) "
           "leaves GSM8K out, Avg (7) counts it; the codelion columns and the *(codelion)* rows "
           "are their published numbers.")
 
