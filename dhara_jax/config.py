@@ -472,14 +472,7 @@ def load_raw(spec: str | Path, _seen: tuple[Path, ...] = ()) -> dict:
   path = resolve_path(spec).resolve()
   if path in _seen:
     raise ConfigError(f"config: base cycle through {path}")
-  try:
-    raw = yaml.safe_load(path.read_text())
-  except yaml.YAMLError as e:
-    raise ConfigError(f"config: {_yaml_error(path, e)}") from None
-  except UnicodeDecodeError:
-    raise ConfigError(f"config: {path} is not a text file") from None
-  except OSError as e:  # a directory, an unreadable file
-    raise ConfigError(f"config: cannot read {path} ({e.strerror or e})") from None
+  raw = read_yaml(path)
   raw = {} if raw is None else raw
   if not isinstance(raw, Mapping):
     raise ConfigError(f"config: {path} must hold a mapping of sections")
@@ -494,6 +487,18 @@ def load_raw(spec: str | Path, _seen: tuple[Path, ...] = ()) -> dict:
     base_path = (path.parent / base) if (path.parent / base).exists() else base
     merged = merge(merged, load_raw(base_path, _seen + (path,)))
   return merge(merged, raw)
+
+
+def read_yaml(path: Path) -> Any:
+  """A YAML file's content; a syntax error, a binary file or an unreadable path is one line."""
+  try:
+    return yaml.safe_load(path.read_text())
+  except yaml.YAMLError as e:
+    raise ConfigError(f"config: {_yaml_error(path, e)}") from None
+  except UnicodeDecodeError:
+    raise ConfigError(f"config: {path} is not a text file") from None
+  except OSError as e:  # a directory, an unreadable file
+    raise ConfigError(f"config: cannot read {path} ({e.strerror or e})") from None
 
 
 def _yaml_error(path: Path, e: yaml.YAMLError) -> str:

@@ -25,8 +25,6 @@ import json
 from pathlib import Path
 from typing import Any, Mapping
 
-import yaml
-
 from dhara_jax import config as config_lib
 from dhara_jax.errors import ConfigError, DharaError
 
@@ -103,8 +101,8 @@ def is_study(spec: str | Path) -> bool:
   if not path.is_file():
     return False
   try:
-    raw = yaml.safe_load(path.read_text())
-  except (yaml.YAMLError, UnicodeDecodeError, OSError):
+    raw = config_lib.read_yaml(path)
+  except ConfigError:
     return False
   return isinstance(raw, Mapping) and "cells" in raw
 
@@ -114,11 +112,9 @@ def load(path: str | Path) -> Study:
   if not path.is_file():
     raise DharaError(f"study: no such study config: {path}")
   try:
-    raw = yaml.safe_load(path.read_text())
-  except yaml.YAMLError as e:
-    raise DharaError(f"study: {path} is not valid YAML ({str(e).splitlines()[0]})") from None
-  except UnicodeDecodeError:
-    raise DharaError(f"study: {path} is not a text file") from None
+    raw = config_lib.read_yaml(path)
+  except ConfigError as e:
+    raise DharaError(f"study: {str(e).removeprefix('config: ')}") from None
   if not isinstance(raw, Mapping) or not isinstance(raw.get("cells"), list) or not raw["cells"]:
     raise DharaError(f"study: {path} needs a non-empty `cells:` list")
   known = {"study", "description", "setup", "step_timeout_minutes", "shared", "eval",
