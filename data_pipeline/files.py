@@ -17,6 +17,17 @@ def temp_beside(path: Path) -> tuple[int, str]:
   return fd, tmp
 
 
+def write_whole(path: str | Path, data: bytes | str, who: str) -> None:
+  """`atomic_write`, a failure (a full disk, no permission) one line naming `who`: the
+  previous file stays in place."""
+  from dhara_jax.errors import DharaError
+
+  try:
+    atomic_write(path, data)
+  except OSError as e:
+    raise DharaError(f"{who}: cannot write {path}: {e.strerror or e}") from None
+
+
 def atomic_write(path: str | Path, data: bytes | str) -> None:
   path = Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)

@@ -247,10 +247,6 @@ def store(eval_dir: Path, results: dict, summary: dict) -> None:
 
 
 def _write(path: Path, text: str) -> None:
-  """Whole file or nothing: a full disk leaves the previous file in place."""
-  from data_pipeline.files import atomic_write
+  from data_pipeline.files import write_whole
 
-  try:
-    atomic_write(path, text)
-  except OSError as e:
-    raise DharaError(f"eval: cannot write {path}: {e.strerror or e}") from None
+  write_whole(path, text, "eval")

@@ -4,13 +4,12 @@ data the figure needs yet, so a half-run grid still renders."""
 
 from __future__ import annotations
 
+import io
 import math
-import os
 from pathlib import Path
 from typing import Any
 
-from data_pipeline.files import temp_beside
-from dhara_jax.errors import DharaError
+from data_pipeline.files import write_whole
 from dhara_jax.study.published import PUBLISHED, TASKS, TASKS_6
 
 AR_COLOUR, DIFFUSION_COLOUR = "tab:blue", "tab:orange"
@@ -165,24 +164,16 @@ def _bars(rows: list[dict], heights: list[float], floors: list[float | None],
 
 
 def _save(fig: Any, path: Path) -> Path:
-  """Writes the PNG whole or not at all: a temp file beside it, then a rename."""
+  """Writes the PNG whole or not at all."""
   import matplotlib.pyplot as plt
 
-  path.parent.mkdir(parents=True, exist_ok=True)
-  fd, tmp = temp_beside(path)
+  png = io.BytesIO()
   try:
     fig.tight_layout()
-    with os.fdopen(fd, "wb") as f:
-      fig.savefig(f, format="png", dpi=100)
-    os.replace(tmp, path)
-  except OSError as e:
-    Path(tmp).unlink(missing_ok=True)
-    raise DharaError(f"study report: cannot write {path} ({e.strerror or e})") from None
-  except BaseException:
-    Path(tmp).unlink(missing_ok=True)
-    raise
+    fig.savefig(png, format="png", dpi=100)
   finally:
     plt.close(fig)
+  write_whole(path, png.getvalue(), "study report")
   return path
 
 

@@ -10,8 +10,7 @@ import io
 from pathlib import Path
 from typing import Any
 
-from data_pipeline.files import atomic_write
-from dhara_jax.errors import DharaError
+from data_pipeline.files import write_whole
 from dhara_jax.study import plots
 from dhara_jax.study.plots import number
 from dhara_jax.study.published import (AR_TOKENS_PER_SECOND, DIFFUSION_TOKENS_PER_SECOND,
@@ -283,7 +282,4 @@ def _duration(seconds: float) -> str:
 
 
 def _write(path: Path, text: str) -> None:
-  try:
-    atomic_write(path, text)
-  except OSError as e:
-    raise DharaError(f"study report: cannot write {path} ({e.strerror or e})") from None
+  write_whole(path, text, "study report")

@@ -284,9 +284,6 @@ def _save(out: Path, cell: Cell, status: dict) -> None:
 
 
 def _write(path: Path, text: str) -> None:
-  from data_pipeline.files import atomic_write
+  from data_pipeline.files import write_whole
 
-  try:
-    atomic_write(path, text)
-  except OSError as e:
-    raise DharaError(f"study: cannot write {path}: {e.strerror or e}") from None
+  write_whole(path, text, "study")

@@ -52,9 +52,9 @@ def measure(run_dir: str | Path, new_tokens: int = 100, batch: int = 1, runs: in
 
 
 def write(report: dict, out: str | Path) -> None:
-  from data_pipeline.files import atomic_write
+  from data_pipeline.files import write_whole
 
-  atomic_write(out, json.dumps(report, indent=2) + "\n")
+  write_whole(out, json.dumps(report, indent=2) + "\n", "throughput")
 
 
 def format_report(report: dict) -> str:
