@@ -13,7 +13,6 @@ from dhara_jax.errors import DharaError
 def _params(args: argparse.Namespace) -> int:
   from dhara_jax import config
   from dhara_jax.params import count_params, format_table
-
   from dhara_jax.study import spec
 
   if spec.is_study(args.config):  # a grid: one line per cell
@@ -171,9 +170,9 @@ def _study(args: argparse.Namespace) -> int:
 
 def _bench_throughput(args: argparse.Namespace) -> int:
   from dhara_jax.study import throughput
+  from dhara_jax.study.spec import SAMPLER_KEYS
 
-  sampler = {k: getattr(args, k) for k in ("steps", "block_length", "threshold", "cache",
-                                           "remasking")}
+  sampler = {k: getattr(args, k) for k in SAMPLER_KEYS}
   report = throughput.measure(args.run_dir, args.new_tokens, args.batch, args.runs,
                               args.prompt_tokens, args.step, **sampler)
   if args.out:

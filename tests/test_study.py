@@ -176,7 +176,7 @@ def test_tiny_grid_is_the_full_grid_scaled_down():
   assert [c.name for c in tiny.cells] == [c.name for c in full.cells]
   for small, big in zip(tiny.cells, full.cells):
     assert (small.tables, small.parent, small.diffusion) == (big.tables, big.parent, big.diffusion)
-    assert spec.model_config(tiny, small).family == spec.model_config(full, big).family
+    assert spec.run_config(tiny, small).model.family == spec.run_config(full, big).model.family
 
 
 def error_of(capsys, *argv: str) -> str:

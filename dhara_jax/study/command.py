@@ -58,7 +58,7 @@ def params_table(config: str | Path, as_json: bool = False) -> str:
   grid = spec.load(config)
   rows = []
   for cell in grid.cells:
-    model = spec.model_config(grid, cell)
+    model = spec.run_config(grid, cell).model
     counts = count_params(model)
     stated = PUBLISHED.get(cell.name)
     rows.append({"cell": cell.name, "family": model.family, "layers": model.num_layers,

@@ -126,9 +126,9 @@ def _how_it_was_run(study: dict) -> str:
           f"{sample}, {data}. Throughput: G = {tp.get('new_tokens', '?')} new tokens per "
           f"prompt, batch {tp.get('batch', '?')} (codelion: 100 new tokens, batch 1). The "
           f"cells' steps took {wall} in all (summed over cells: a grid spread over machines "
-          f"reports its total). Scores are percent; {MISSING} marks one not measured (yet). Avg (6) "
-          "leaves GSM8K out, Avg (7) counts it; the codelion columns and the *(codelion)* rows "
-          "are their published numbers.")
+          f"reports its total). Scores are percent; {MISSING} marks one not measured (yet). "
+          "Avg (6) leaves GSM8K out, Avg (7) counts it; the codelion columns and the "
+          "*(codelion)* rows are their published numbers.")
 
 
 def _shapes_table(rows: list[dict]) -> str:

@@ -13,7 +13,7 @@ from dhara_jax.metrics import read_metrics
 from dhara_jax.params import count_params
 from dhara_jax.study import runner
 from dhara_jax.study.published import TASKS
-from dhara_jax.study.spec import Cell, Study, model_config
+from dhara_jax.study.spec import Cell, Study, run_config
 
 
 def gather(study: Study, out: Path) -> list[dict]:
@@ -25,23 +25,18 @@ def gather(study: Study, out: Path) -> list[dict]:
 
 
 def cell_row(study: Study, out: Path, cell: Cell, parent: dict | None = None) -> dict:
-  from dhara_jax import config as config_lib
-
-  model = model_config(study, cell)
+  cfg = run_config(study, cell)
+  model, data = cfg.model, cfg.data
   run = runner.run_dir(out, cell)
   status = runner.read_status(out, cell)
   summary = _json(run / "eval" / "summary.json")
   speed = _json(runner.throughput_file(out, cell))
   by_task = {r["task"]: r for r in (summary or {}).get("tasks", [])}
-  # A conversion's sections are its recipe's over its AR run's (as `dhara convert` builds them).
-  raw = (config_lib.merge(study.cell(cell.parent).raw, cell.raw) if cell.converted
-         else cell.raw)
-  data = config_lib.from_dict(raw).data
   curve = _curve(run, data.batch_size * data.seq_len,
                  (parent or {}).get("train_tokens") or 0)
   trained = [p for p in curve if p["loss"] is not None]
   held_out = [p["eval_loss"] for p in curve if p["eval_loss"] is not None]
-  objective = ("mdm" if cell.converted else cell.raw.get("train", {}).get("objective", "ar"))
+  objective = "mdm" if cell.converted else cfg.train.objective
   return {
       "name": cell.name, "label": cell.label, "tables": list(cell.tables),
       "family": model.family, "kind": "diffusion" if cell.diffusion else "ar",

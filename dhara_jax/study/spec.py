@@ -213,14 +213,12 @@ def _check(cell: Cell, where: str) -> None:
     raise DharaError(f"{where}: {e}") from None
 
 
-def model_config(study: Study, cell: Cell) -> config_lib.ModelConfig:
-  """The cell's model: its own, or its parent's with the recipe's model section over it (as
-  `dhara convert` builds it)."""
+def run_config(study: Study, cell: Cell) -> config_lib.Config:
+  """The cell's run config: its own, or for a conversion the recipe's sections over its
+  parent's (as `dhara convert` builds it)."""
   if not cell.converted:
-    return config_lib.from_dict(cell.raw).model
-  parent = study.cell(cell.parent).raw
-  merged = config_lib.merge(parent, {"model": cell.raw.get("model", {})})
-  return config_lib.from_dict(merged).model
+    return config_lib.from_dict(cell.raw)
+  return config_lib.from_dict(config_lib.merge(study.cell(cell.parent).raw, cell.raw))
 
 
 def _settings(cls: type, raw: Any, path: Path, section: str) -> Any:
