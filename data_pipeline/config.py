@@ -18,6 +18,7 @@ from dhara_jax.errors import ConfigError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 FORMATS = ("auto", "parquet", "jsonl", "text", "tfds")
+HOST_SPLITS = ("documents", "rows")  # data.host_split
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,6 +66,12 @@ class DataConfig:
   parquet_cache_row_groups: int = 16  # decoded row groups kept per Parquet source
   # Longest the training loop waits for one batch before calling the pipeline stuck.
   wait_timeout_s: float = 600.0
+  # How the processes of a multi-host job share the data. documents: each reads its own 1/P
+  # of every source (each host touches 1/P of the files; a checkpoint resumes only with the
+  # same process count). rows: each reads the whole stream and keeps its rows of every global
+  # batch (P× the reading, which the token cache makes cheap; the batches equal a
+  # one-process run's, and a checkpoint resumes with any process count).
+  host_split: str = "documents"
 
   def __post_init__(self) -> None:
     _validate(self)
@@ -171,6 +178,8 @@ def _validate(c: DataConfig) -> None:
          f"{c.tokenizer_vocab_size}")
   if not c.tokenizer:
     fail("tokenizer", "must name a SentencePiece model file")
+  if c.host_split not in HOST_SPLITS:
+    fail("host_split", f"{c.host_split!r} is not one of {', '.join(HOST_SPLITS)}")
 
 
 def resolve_input(path: str) -> Path:

@@ -8,7 +8,9 @@ Per source (raw text or the cache; both give document i as the same token ids):
 
 Everything before the batch is a grain dataset, so `get_state()` is small (indices and packer
 remainders) and `set_state()` resumes mid-stream exactly. Process p of P reads only its 1/P of
-each source's documents and makes batch_size / P rows of each global batch.
+each source's documents and makes batch_size / P rows of each global batch; with
+`data.host_split: rows` it reads the whole stream instead and keeps rows p·B/P … (p+1)·B/P − 1
+of each global batch, so the batches (and the state) are a one-process run's.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from data_pipeline.packing import pack, split_targets, with_eos
 from data_pipeline.sources import open_source
 from data_pipeline.tokenizer import Tokenizer, load_tokenizer
 from dhara_jax.errors import ConfigError, DharaError
-from dhara_jax.sharding import batch_shards, batch_sharding
+from dhara_jax.sharding import batch_shards, batch_sharding, check_rows_per_process
 
 
 def _source_seed(seed: int, index: int) -> int:
@@ -98,11 +100,23 @@ def host_dataset(cfg: DataConfig, tokenizer: Tokenizer, process_index: int = 0,
   if split == "eval" and not cfg.eval_fraction:
     raise ConfigError("data.eval_fraction: 0 leaves no held-out documents to evaluate on")
   docs = source_documents(cfg, tokenizer, split)
-  streams = {i: source_rows(d, cfg, i, tokenizer.eos_id, process_index, process_count, split)
+  rows = cfg.batch_size // process_count
+  # documents: this process reads its share of the documents into its own rows; rows: it
+  # reads the whole stream, one process's, and keeps its slice of each global batch.
+  readers = (process_index, process_count) if cfg.host_split == "documents" else (0, 1)
+  streams = {i: source_rows(d, cfg, i, tokenizer.eos_id, *readers, split)
              for i, d in docs.items()}
   ds = mix(streams, {i: cfg.sources[i].weight for i in streams})
-  ds = ds.batch(cfg.batch_size // process_count, drop_remainder=True)
+  if cfg.host_split == "documents":
+    ds = ds.batch(rows, drop_remainder=True)
+  else:
+    ds = ds.batch(cfg.batch_size, drop_remainder=True).map(
+        functools.partial(_rows_of, start=process_index * rows, stop=(process_index + 1) * rows))
   return ds.map(split_targets) if cfg.targets else ds
+
+
+def _rows_of(batch: dict[str, np.ndarray], start: int, stop: int) -> dict[str, np.ndarray]:
+  return {k: v[start:stop] for k, v in batch.items()}
 
 
 def _restore_tuples(state: Any) -> Any:
@@ -130,6 +144,8 @@ class TrainIterator(grain.DatasetIterator):
                       "num_epochs": cfg.num_epochs, "targets": cfg.targets,
                       "eval_fraction": cfg.eval_fraction,
                       "process_count": process_count, "tokenizer_sha256": tokenizer.sha256}
+    if cfg.host_split == "rows":  # one stream, whatever the process count
+      self._pipeline.update(process_count=1, host_split="rows")
 
   def __next__(self) -> dict[str, Any]:
     batch = next(self._parent)
@@ -173,6 +189,7 @@ def make_train_iterator(cfg: DataConfig, mesh: Mesh | None = None, *,
       raise ConfigError("make_train_iterator: with a mesh, process_index/process_count must be "
                         "JAX's own")
     process_index, process_count = jax.process_index(), jax.process_count()
+    check_rows_per_process(mesh)
     dp = batch_shards(mesh)
     if cfg.batch_size % dp:
       raise ConfigError(f"data.batch_size: {cfg.batch_size} rows do not split over "

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import errno
 import functools
+import json
 import logging
 import os
 import re
@@ -25,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import grain
+import jax
 import orbax.checkpoint as ocp
 from etils import epath
 
@@ -148,8 +150,13 @@ class Checkpointer:
     may be a different mesh than the one that saved it, and the iterator in place."""
     items = {"state": ocp.args.StandardRestore(abstract_state)}
     # A checkpoint made by `dhara import` has no data state: the stream then starts fresh.
-    if data_iterator is not None and (self.directory / str(step) / "data").exists():
-      items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
+    data_dir = self.directory / str(step) / "data"
+    if data_iterator is not None and data_dir.exists():
+      written = _data_state_files(data_dir)
+      if _process_file() in written or not written:
+        items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
+      else:  # saved by a job of another process count
+        _set_shared_stream(data_iterator, data_dir, written, step)
     return self._restore(step, **items)["state"]
 
   def restore_tokenizer(self, step: int) -> bytes | None:
@@ -210,6 +217,34 @@ class Checkpointer:
                         f"{what}; {kept}; free space and run the same command")
     return DharaError(f"checkpoint: cannot write {what} to {self.directory} "
                       f"({_root_cause(error)}); {kept}; fix that and run the same command")
+
+
+def _process_file() -> str:
+  """The name grain's checkpoint handler gives this process's data state."""
+  return f"process_{jax.process_index()}-of-{jax.process_count()}.json"
+
+
+def _data_state_files(data_dir: epath.Path) -> list[str]:
+  return sorted(f.name for f in data_dir.iterdir() if re.fullmatch(r"process_\d+-of-\d+\.json",
+                                                                      f.name))
+
+
+def _set_shared_stream(data_iterator: Any, data_dir: epath.Path, written: list[str],
+                       step: int) -> None:
+  """Restores a data state written by a job of another process count, which only a stream
+  every process reads whole (`data.host_split: rows`) can take; otherwise one line."""
+  saved = int(written[0].split("-of-")[1].split(".")[0])
+  try:
+    state = json.loads((data_dir / written[0]).read_text())
+  except (OSError, ValueError) as e:
+    raise DharaError(f"checkpoint: {data_dir / written[0]} is unreadable ({e})") from None
+  if state.get("pipeline", {}).get("host_split") != "rows":
+    raise DharaError(
+        f"checkpoint: step {step} in {data_dir.parent.parent} was written by a job of {saved} "
+        f"process{'es' if saved > 1 else ''} and this one has {jax.process_count()}: each "
+        "process's position in its share of the data is its own, so resume it with "
+        f"{saved}; runs with data.host_split=rows resume on any process count")
+  data_iterator.set_state(state)
 
 
 def _join_writer_threads(timeout: float = 30.0) -> None:

@@ -7,6 +7,7 @@ import json
 import os
 import sys
 
+from dhara_jax import distributed
 from dhara_jax.errors import DharaError
 
 
@@ -46,6 +47,8 @@ def _train(args: argparse.Namespace) -> int:
   cfg = config.load(args.config, args.overrides)
   run_dir = Path(args.run_dir or Path("runs") / Path(args.config).stem)
   summary = loop.run(cfg, run_dir, stop_at=args.steps, progress=not args.no_progress)
+  if not distributed.speaks_for_job():
+    return 0
   if summary["steps"] <= summary["start_step"]:
     print(f"run: {run_dir} is already at step {summary['start_step']} (asked to train to "
           f"{summary['steps']}); nothing to do")
@@ -63,6 +66,8 @@ def _convert(args: argparse.Namespace) -> int:
   run_dir = Path(args.run_dir or Path("runs") / f"{Path(args.ar_run).name}_diffusion")
   summary = convert(args.ar_run, args.config, args.overrides, run_dir, args.step, args.steps,
                     progress=not args.no_progress)
+  if not distributed.speaks_for_job():
+    return 0
   if summary["steps"] <= summary["start_step"]:
     print(f"run: {run_dir} is already at step {summary['start_step']}; nothing to do")
   else:
@@ -75,7 +80,8 @@ def _export(args: argparse.Namespace) -> int:
   from dhara_jax.runs import export_run
 
   out = export_run(args.run_dir, args.out, args.step, args.code)
-  print(f"exported: {out}")
+  if distributed.speaks_for_job():
+    print(f"exported: {out}")
   return 0
 
 
@@ -130,8 +136,9 @@ def _generate(args: argparse.Namespace) -> int:
   texts = generation_bench.read_prompts(args.prompt, args.prompt_file)
   report = generation_bench.generate_from_run(args.run_dir, texts, sampling, args.step,
                                               stats=args.stats)
-  print(json.dumps(report, indent=2, ensure_ascii=False) if args.json
-        else generation_bench.format_generation(report))
+  if distributed.speaks_for_job():
+    print(json.dumps(report, indent=2, ensure_ascii=False) if args.json
+          else generation_bench.format_generation(report))
   return 0
 
 
@@ -154,9 +161,10 @@ def _eval(args: argparse.Namespace) -> int:
                             out=args.out, step=args.step, options=options,
                             gen_kwargs=args.gen_kwargs,
                             diffusion_options=["--" + k.replace("_", "-") for k in given])
-  print(report.table(summary))
-  print(f"stored: {args.run_dir}/{report.EVAL_DIR}/ (results.json, samples/, summary.json, "
-        f"table.md)")
+  if distributed.speaks_for_job():
+    print(report.table(summary))
+    print(f"stored: {args.run_dir}/{report.EVAL_DIR}/ (results.json, samples/, summary.json, "
+          f"table.md)")
   return 0
 
 
@@ -175,6 +183,8 @@ def _bench_throughput(args: argparse.Namespace) -> int:
   sampler = {k: getattr(args, k) for k in SAMPLER_KEYS}
   report = throughput.measure(args.run_dir, args.new_tokens, args.batch, args.runs,
                               args.prompt_tokens, args.step, **sampler)
+  if not distributed.speaks_for_job():
+    return 0
   if args.out:
     throughput.write(report, args.out)
   print(json.dumps(report, indent=2) if args.json else throughput.format_report(report))
@@ -216,6 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--steps", type=positive_int, default=None,
                  help="stop at this step (the schedule still spans train.steps)")
   p.add_argument("--no-progress", action="store_true", help="no progress bar")
+  add_launch_args(p)
   p.set_defaults(func=_train)
 
   p = sub.add_parser("convert", help="an AR run → masked diffusion (WSD over the block size; "
@@ -230,6 +241,7 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--steps", type=positive_int, default=None,
                  help="stop at this step (the plan still spans the whole budget)")
   p.add_argument("--no-progress", action="store_true", help="no progress bar")
+  add_launch_args(p)
   p.set_defaults(func=_convert)
 
   p = sub.add_parser("export", help="a run's checkpoint → transformers directory")
@@ -238,6 +250,7 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--step", type=non_negative_int, default=None, help="default: latest checkpoint")
   p.add_argument("--code", choices=("auto", "transformers", "custom"), default="auto",
                  help="transformers class or custom code (auto: the class when it fits)")
+  add_launch_args(p)
   p.set_defaults(func=_export)
 
   p = sub.add_parser("import", help="transformers directory → a new run (step-0 checkpoint)")
@@ -286,6 +299,7 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--json", action="store_true", help="one JSON object: texts, token ids, stats")
   p.add_argument("--stats", action="store_true", help="tokens/s (timed after a warm-up call), "
                  "forward passes, tokens per forward")
+  add_launch_args(p)
   p.set_defaults(func=_generate)
 
   p = sub.add_parser("eval", help="lm-evaluation-harness tasks on a run (AR log-likelihood, "
@@ -318,6 +332,7 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--cache", default=None, metavar="auto|none|block|approx",
                  help="diffusion generation: KV cache")
   p.add_argument("--no-progress", action="store_true", help="no progress bars")
+  add_launch_args(p)
   p.set_defaults(func=_eval)
 
   p = sub.add_parser("bench", help="benchmarks")
@@ -343,6 +358,7 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--remasking", default=None, metavar="low_confidence|random")
   p.add_argument("--out", default=None, help="also write the JSON report here")
   p.add_argument("--json", action="store_true")
+  add_launch_args(p)
   p.set_defaults(func=_bench_throughput)
 
   p = sub.add_parser("study", help="the study's grid (shapes × families × diffusion): train, "
@@ -374,6 +390,33 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--out", required=True, help="output folder (one dataset per source)")
   p.set_defaults(func=_data_tfds)
   return parser
+
+
+def add_launch_args(p: argparse.ArgumentParser) -> None:
+  """How a process of a multi-process job finds the others (dhara_jax/distributed.py; each
+  flag also reads its DHARA_* environment variable)."""
+  g = p.add_argument_group("a job of several processes (TPU pod slice, GPU nodes, hosts; "
+                           "docs/multihost.md)")
+  g.add_argument("--coordinator", default=None, metavar="HOST:PORT",
+                 help="process 0's address and a free port, the same on every host "
+                 "(DHARA_COORDINATOR)")
+  g.add_argument("--num-processes", type=positive_int, default=None, metavar="N",
+                 help="processes in the job (DHARA_NUM_PROCESSES)")
+  g.add_argument("--process-id", type=non_negative_int, default=None, metavar="I",
+                 help="this process, 0 … N-1 (DHARA_PROCESS_ID)")
+  g.add_argument("--multihost", action="store_true", help="let JAX find the job: a TPU pod "
+                 "slice, SLURM or Open MPI (DHARA_MULTIHOST=1)")
+  g.add_argument("--host-timeout", type=positive_int, default=None, metavar="S",
+                 help="seconds for every process to join, and without a heartbeat before a "
+                 "process counts as lost (default 120; DHARA_HOST_TIMEOUT_S)")
+
+
+def _start_job(args: argparse.Namespace) -> None:
+  """Joins the other processes of the job, if there are any, before anything touches JAX.
+  train and convert also get JAX's preemption sync point (they save on SIGTERM)."""
+  launch = distributed.launch_from(args.coordinator, args.num_processes, args.process_id,
+                                   args.multihost, args.host_timeout)
+  distributed.start(launch, preemption=args.command in ("train", "convert"))
 
 
 def add_bench_generate_args(p: argparse.ArgumentParser) -> None:
@@ -433,6 +476,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
   args = parse(argv)
   try:
+    if hasattr(args, "coordinator"):
+      _start_job(args)
     return args.func(args)
   except DharaError as e:
     print(f"error: {e}", file=sys.stderr)

@@ -133,9 +133,8 @@ def convert(ar_run: Path, spec: str | Path, overrides: list[str], run_dir: Path,
     raise DharaError(f"convert: data.tokenizer {path} is not the tokenizer {ar_run} was "
                      f"trained with; use its copy in {ar_run}")
 
-  def ar_params(run_cfg: Config, shardings: Any) -> Any:
-    _, params, _ = restore_params(ar_run, ar_step)
-    return jax.device_put(params, shardings)
+  def ar_params(run_cfg: Config, mesh: Any) -> Any:
+    return restore_params(ar_run, ar_step, mesh)[1]  # the AR and diffusion shardings agree
 
   def record_start(run_cfg: Config) -> Plan:
     plan = conversion_plan(run_cfg)

@@ -23,6 +23,7 @@ import yaml
 from jax.sharding import Mesh
 
 from dhara_jax import config as config_lib
+from dhara_jax import distributed
 from dhara_jax.checkpoint import Checkpointer, checkpoint_directory, ensure_writable
 from dhara_jax.config import Config
 from dhara_jax.errors import DharaError
@@ -126,8 +127,11 @@ def run(cfg: Config, run_dir: Path, data: Callable[[Config, Mesh], Data] = pipel
   """Trains until `train.steps` (or `stop_at`, if earlier); returns a summary dict.
 
   `plan` gives each step's objective (one stage for `dhara train`, the WSD ladder for
-  `dhara convert`); `initial_params(cfg, param_shardings)`, when given, starts a new run from
-  those weights (with a fresh optimizer) instead of random ones."""
+  `dhara convert`); `initial_params(cfg, mesh)`, when given, starts a new run from those
+  weights (in the run's parameter shardings on `mesh`, with a fresh optimizer) instead of
+  random ones."""
+  if cfg.train.multihost:  # before anything touches JAX; a no-op if the CLI started the job
+    distributed.start(distributed.Launch(detect=True), preemption=True)
   cfg.check_rows_fit_model()
   cfg.check_objective_fits_model()
   kernel_choices(cfg.model)
@@ -142,8 +146,6 @@ def run(cfg: Config, run_dir: Path, data: Callable[[Config, Mesh], Data] = pipel
   if not cfg.train.checkpoint_dir:
     ensure_writable(checkpoint_dir, "checkpoint dir")
   with _removed_if_left_empty(new_dirs):  # a start that fails (data, mesh) leaves no trace
-    if cfg.train.multihost:
-      jax.distributed.initialize()
     mesh = make_mesh(cfg.mesh)
     data = data(cfg, mesh)
     cfg = cfg.with_mask_token(data.mask_ids)
@@ -172,7 +174,7 @@ def run(cfg: Config, run_dir: Path, data: Callable[[Config, Mesh], Data] = pipel
     else:
       state = init_state(cfg, mesh, tx, shardings)
       if initial_params is not None:
-        state["params"] = initial_params(cfg, shardings["params"])
+        state["params"] = initial_params(cfg, mesh)
         state["opt_state"] = jax.jit(tx.init, out_shardings=shardings["opt_state"])(
             state["params"])
       if jax.process_index() == 0:  # one writer on a shared run dir
@@ -181,9 +183,7 @@ def run(cfg: Config, run_dir: Path, data: Callable[[Config, Mesh], Data] = pipel
           shutil.copyfile(data.tokenizer_path, run_dir / data.tokenizer_path.name)
     metrics = MetricsWriter(run_dir, resume_step=latest)
     cleanup.callback(metrics.close)
-    # Single-process runs only: the hosts of a multi-host run could see a signal at different
-    # steps, so they keep the default (stop at once; resume from the last periodic checkpoint).
-    signals = cleanup.enter_context(StopSignals(enabled=jax.process_count() == 1))
+    signals = cleanup.enter_context(StopSignals(several=jax.process_count() > 1))
     return _loop(cfg, mesh, tx, shardings, state, data, checkpoints, metrics, resolved,
                  start=latest or 0, last=min(cfg.train.steps, stop_at or cfg.train.steps),
                  last_good=latest, progress=progress, signals=signals, plan=steps_plan)
@@ -308,7 +308,7 @@ def _loop(cfg: Config, mesh: Mesh, tx: Any, shardings: Any, state: Any, data: Da
         score = None  # the average is no candidate
       metrics.write(row)
       row = None
-      stopping = signals.requested()
+      stopping = signals.requested(step)
       if ((cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0)
           or step == last or stopping or score is not None):
         checkpoints.save(step, state, data.train, resolved, data.tokenizer_path, score)

@@ -12,6 +12,7 @@ import jax
 import numpy as np
 import sentencepiece as spm
 import yaml
+from jax.sharding import Mesh
 
 from data_pipeline.config import resolve_input
 from dhara_jax import config as config_lib
@@ -61,16 +62,23 @@ def saved_tokenizer(run_dir: Path, step: int) -> bytes | None:
     return checkpoints.restore_tokenizer(step)
 
 
-def restore_params(run_dir: Path, step: int | None = None) -> tuple[Config, Any, int]:
-  """The run's config and the parameters of checkpoint `step` (default: latest), on one device."""
+def job_mesh() -> Mesh:
+  """Every device of the job (all processes) on the batch axis: data parallel, parameters
+  replicated — how evaluation, generation and export hold a run's model."""
+  return make_mesh(MeshConfig(data=-1, fsdp=1, tensor=1))
+
+
+def restore_params(run_dir: Path, step: int | None = None, mesh: Mesh | None = None
+                   ) -> tuple[Config, Any, int]:
+  """The run's config and the parameters of checkpoint `step` (default: latest), restored
+  straight into their shardings on `mesh` (default: `job_mesh()`): in a job of several
+  processes each reads what its own devices hold."""
   with read_checkpoints(run_dir) as (cfg, checkpoints):
-    cfg = dataclasses.replace(cfg, mesh=SINGLE_DEVICE)
     latest = checkpoints.latest_step()
     if latest is None:
       raise DharaError(f"run: {run_dir} has no checkpoint yet")
     step = latest if step is None else step
-    mesh = make_mesh(cfg.mesh, jax.devices()[:1])
-    tx, shardings = build(cfg, mesh)
+    tx, shardings = build(cfg, mesh or job_mesh())
     state = checkpoints.restore(step, abstract_state(cfg, tx, shardings), None)
   return cfg, state["params"], step
 
@@ -83,8 +91,14 @@ def export_run(run_dir: Path, out: Path, step: int | None = None, code: str = "a
   summary_path = run_dir / "eval" / "summary.json"
   summary = read_summary(summary_path)  # a damaged one fails before anything is written
   cfg, params, step = restore_params(run_dir, step)
-  out = export_hf(cfg.model, params, out, code)
   proto = _export_tokenizer(run_dir, step, cfg)
+  # Every process reads the checkpoint (orbax's reads are collective) and holds all of the
+  # replicated parameters; process 0 alone writes, from the host copy (an op on the global
+  # arrays would wait for the others).
+  params = jax.tree.map(np.asarray, params)
+  if jax.process_index() != 0:
+    return Path(out)
+  out = export_hf(cfg.model, params, out, code)
   if proto is not None:
     write_tokenizer(proto, out, cfg.model.max_seq_len)
     write_token_ids(out, proto)

@@ -15,6 +15,7 @@ from typing import Any, Callable, Sequence
 
 import flax.linen as nn
 import jax
+import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from dhara_jax.config import MeshConfig, ModelConfig
@@ -100,6 +101,24 @@ def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
 def batch_shards(mesh: Mesh) -> int:
   """How many pieces `batch_sharding` cuts the batch into (data × fsdp)."""
   return math.prod(mesh.shape[axis] for axis in BATCH_AXES)
+
+
+def check_rows_per_process(mesh: Mesh) -> None:
+  """Each process of a job feeds its own rows of every batch, so each batch shard (one
+  data × fsdp position) must lie on the devices of one process: a `tensor` axis (or any
+  placement) that puts one shard on devices of several processes is refused in one line."""
+  processes = jax.process_count()
+  if processes == 1:
+    return
+  owners = np.vectorize(lambda d: d.process_index)(mesh.devices).reshape(
+      -1, mesh.shape["tensor"])
+  if (owners != owners[:, :1]).any():
+    sizes = " × ".join(f"{axis}={mesh.shape[axis]}" for axis in MESH_AXES)
+    raise ConfigError(
+        f"mesh: {sizes} puts a batch shard on devices of several of the {processes} processes "
+        f"(each process feeds its own rows); keep tensor within one process's "
+        f"{jax.local_device_count()} devices and make data × fsdp a multiple of {processes}, "
+        f"e.g. mesh.data={processes} mesh.tensor={jax.local_device_count()}")
 
 
 def per_batch_shard(fn: Callable[..., jax.Array],

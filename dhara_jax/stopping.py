@@ -5,16 +5,25 @@ During a step the request is noted and the loop checkpoints that step when it en
 loop waits for data (a pipeline that may be stuck) the wait ends at once. A second signal gets
 the default action (SIGTERM kills, SIGINT raises KeyboardInterrupt). A wait for data that sees no
 batch within its timeout ends too: every wait is bounded.
+
+In a job of several processes a signal reaches one process (or each at another moment), but
+all of them must stop after the same step to save it together: SIGTERM goes to JAX's
+preemption notifier (installed by `jax.distributed.initialize`), SIGINT is passed to it as a
+SIGTERM, and every process asks JAX's preemption sync point at every step whether the job
+stops there. Waits for data are then cut by their timeout only (a wait cut on one process
+alone would leave the others waiting for it in the next step).
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import os
 import signal
 import threading
 from typing import Any, Iterator
 
+from dhara_jax import distributed
 from dhara_jax.errors import DharaError
 
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
@@ -37,20 +46,23 @@ class DataStop(DharaError):
 
 
 class StopSignals:
-  """Installs the stop handlers for its lifetime (main thread of a single-process run only:
-  the hosts of a multi-host run could see a signal at different steps, so they keep the
-  default — stop at once, resume from the last periodic checkpoint)."""
+  """Installs the stop handlers for its lifetime (main thread only). `several`: the run is
+  one process of several, which stop together at JAX's preemption sync point."""
 
-  def __init__(self, enabled: bool = True):
+  def __init__(self, enabled: bool = True, several: bool = False):
     # Python runs signal handlers in the main thread only: elsewhere waits cannot be bounded.
     self.main_thread = threading.current_thread() is threading.main_thread()
     self.enabled = enabled and self.main_thread
+    self.several = several and distributed.preemption_sync_available()
     self.received: str | None = None  # the name of the first stop signal
     self._waiting = False
     self._previous: dict[int, object] = {}
 
   def __enter__(self) -> "StopSignals":
-    if self.enabled:
+    if self.several:  # SIGTERM stays JAX's; SIGINT becomes one
+      if self.enabled:
+        self._previous = {signal.SIGINT: signal.signal(signal.SIGINT, self._to_jax)}
+    elif self.enabled:
       self._previous = {s: signal.signal(s, self._handle) for s in SIGNALS}
     return self
 
@@ -59,8 +71,17 @@ class StopSignals:
       signal.signal(signum, handler)
     self._previous = {}
 
-  def requested(self) -> bool:
+  def requested(self, step: int) -> bool:
+    """Whether the run stops after `step` (asked once per step, by every process)."""
+    if self.several:
+      if distributed.stop_requested(step):
+        self.received = "SIGTERM or SIGINT on one of the processes"
+      return self.received is not None
     return self.received is not None
+
+  def _to_jax(self, signum: int, frame) -> None:
+    signal.signal(signum, self._previous[signum])  # a second Ctrl-C interrupts at once
+    os.kill(os.getpid(), signal.SIGTERM)
 
   def _handle(self, signum: int, frame) -> None:
     self.received = signal.Signals(signum).name
@@ -72,7 +93,7 @@ class StopSignals:
   def waiting(self, timeout_s: float, what: str) -> Iterator[None]:
     """A wait for `what` that a stop signal, or `timeout_s` seconds without an end, ends by
     raising WaitEnded inside it."""
-    if self.received is not None:
+    if self.received is not None and not self.several:
       raise WaitEnded(f"{self.received} came while waiting for data")
     if not self.main_thread:
       yield

@@ -27,7 +27,7 @@ from dhara_jax.config import ModelConfig
 from dhara_jax.errors import DharaError
 from dhara_jax.phases import Phase
 from eval.scoring import (DEFAULT_BATCH_TOKENS, DEFAULT_MC_SAMPLES, Batcher, Pair, Row, Score,
-                          eval_mesh, read_log_probs, replicated, warn_cut)
+                          eval_mesh, gathered, read_log_probs, replicated, warn_cut)
 
 
 def mask_counts(samples: int, length: int, u: float) -> np.ndarray:
@@ -68,7 +68,8 @@ class ELBOScorer:
                            self.mesh)
     self.params = replicated(cfg, params, self.mesh)
     block = phase.block_size if phase.objective == "block" else 0
-    self._step = jax.jit(functools.partial(_elbo_terms, cfg, block))
+    self._step = jax.jit(functools.partial(_elbo_terms, cfg, block),
+                         out_shardings=gathered(self.mesh))
     self.block = block
 
   def rows(self, pairs: Sequence[Pair]) -> list[Row]:

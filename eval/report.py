@@ -16,6 +16,8 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
+import jax
+
 from dhara_jax.errors import DharaError
 from eval.harness import DharaLM, Options
 from eval.registry import STUDY, STUDY_TASKS, StudyTask, lm_eval_version
@@ -60,9 +62,10 @@ def evaluate(run_dir: str | Path, tasks: str = STUDY, *, limit: int | None = Non
   results = _simple_evaluate(lm, names, tm, limit, gen_kwargs)
   seconds = time.perf_counter() - started
   summary = summarize(results, run, limit, data_dir, seconds)
-  store(run_dir / EVAL_DIR, results, summary)
-  if out is not None:
-    _write(Path(out), _results_json(results))
+  if jax.process_index() == 0:  # every process of a job has the results; one writes them
+    store(run_dir / EVAL_DIR, results, summary)
+    if out is not None:
+      _write(Path(out), _results_json(results))
   return summary
 
 

@@ -109,6 +109,12 @@ def eval_mesh(devices: Sequence[Any] | None = None) -> Any:
   return make_mesh(MeshConfig(data=-1, fsdp=1, tensor=1), devices)
 
 
+def gathered(mesh: Any) -> Any:
+  """Scores come back replicated: every process of a job reads all of them (each device
+  scored its rows)."""
+  return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+
+
 def replicated(cfg: ModelConfig, params: Any, mesh: Any) -> Any:
   from dhara_jax.sharding import param_shardings
 
@@ -144,7 +150,8 @@ class ARScorer:
     self.mesh = mesh if mesh is not None else eval_mesh()
     self.batcher = Batcher(cfg, batch_tokens, self.mesh)
     self.params = replicated(cfg, params, self.mesh)
-    self._step = jax.jit(functools.partial(_ar_scores, cfg))
+    self._step = jax.jit(functools.partial(_ar_scores, cfg),
+                         out_shardings=gathered(self.mesh))
 
   def rows(self, pairs: Sequence[Pair]) -> list[Row]:
     """Rows with their reads (position, target): a continuation's positions, or one read at
