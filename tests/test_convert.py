@@ -107,6 +107,30 @@ def test_bad_inputs_are_one_line_and_write_nothing(ar_run, tmp_path, capsys):
   assert not out.exists()
 
 
+def _files(directory):
+  """Every file and folder under `directory` with its size and mtime: what a refused command
+  must leave as it was (a folder's mtime changes when an entry is added or removed)."""
+  return {p: (p.stat().st_size, p.stat().st_mtime_ns) for p in directory.rglob("*")}
+
+
+def test_another_run_as_the_output_is_refused_untouched(ar_run, tmp_path, capsys):
+  from dhara_jax.sampling import trained_phase
+
+  before = _files(ar_run)
+  code, err = _convert(capsys, ar_run, ar_run)
+  assert code == 2 and err.splitlines() == [
+      f"error: convert: --run-dir {ar_run} is the AR run itself; use a new --run-dir"]
+  assert _files(ar_run) == before and trained_phase(ar_run) == Phase("ar")  # no stray record
+  other = tmp_path / "other"
+  other.mkdir()
+  (other / "config.yaml").write_text((ar_run / "config.yaml").read_text())
+  code, err = _convert(capsys, ar_run, other)
+  assert code == 2 and err.splitlines() == [
+      f"error: convert: --run-dir {other} holds a run that is not a conversion (no "
+      "conversion.json); use a new --run-dir"]
+  assert [p.name for p in other.iterdir()] == ["config.yaml"]
+
+
 def test_a_conversion_runs_the_plan_and_averages_the_best_decay_checkpoints(ar_run, tmp_path):
   summary = convert(ar_run, RECIPE, SMALL, tmp_path / "conv", progress=False)
   assert summary["steps"] == 16
