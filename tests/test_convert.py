@@ -1,6 +1,7 @@
 """`dhara convert`: the WSD plan, bad inputs, top-k averaging, resume across a stage."""
 
 import json
+import shutil
 import subprocess
 import sys
 
@@ -129,6 +130,20 @@ def test_another_run_as_the_output_is_refused_untouched(ar_run, tmp_path, capsys
       f"error: convert: --run-dir {other} holds a run that is not a conversion (no "
       "conversion.json); use a new --run-dir"]
   assert [p.name for p in other.iterdir()] == ["config.yaml"]
+
+
+def test_a_damaged_ar_checkpoint_is_one_line_and_leaves_no_run_dir(ar_run, tmp_path, capsys):
+  damaged = tmp_path / "ar"
+  shutil.copytree(ar_run, damaged)
+  for f in (damaged / "checkpoints" / "4" / "state").rglob("d/*"):  # truncate the array data
+    f.write_bytes(f.read_bytes()[:f.stat().st_size // 2])
+  before = _files(damaged)
+  code, err = _convert(capsys, damaged, tmp_path / "conv")
+  lines = [line for line in err.splitlines() if not line.startswith("WARNING:")]
+  assert code == 2 and len(lines) == 1, err
+  assert lines[0].startswith(f"error: checkpoint: {damaged / 'checkpoints' / '4'} is unreadable "
+                             "(") and "move it aside" in lines[0]
+  assert not (tmp_path / "conv").exists() and _files(damaged) == before
 
 
 def test_a_conversion_runs_the_plan_and_averages_the_best_decay_checkpoints(ar_run, tmp_path):
