@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
+from data_pipeline.files import check_writable
 from dhara_jax.errors import DharaError
 from eval.harness import DharaLM, Options
 from eval.registry import STUDY, STUDY_TASKS, StudyTask, lm_eval_version
@@ -52,6 +53,8 @@ def evaluate(run_dir: str | Path, tasks: str = STUDY, *, limit: int | None = Non
   phase = trained_phase(run_dir)
   harness.check_options(phase, diffusion_options)
   harness.check_gen_kwargs(phase, gen_kwargs)
+  if out is not None:  # now, not after an evaluation that may take hours
+    check_writable(out, "eval")
   tm = task_manager or registry.task_manager(data_dir)  # checks the data dir
   names = registry.resolve_tasks(tasks, tm)
   run = load_run(run_dir, step)
@@ -60,9 +63,9 @@ def evaluate(run_dir: str | Path, tasks: str = STUDY, *, limit: int | None = Non
   results = _simple_evaluate(lm, names, tm, limit, gen_kwargs)
   seconds = time.perf_counter() - started
   summary = summarize(results, run, limit, data_dir, seconds)
-  store(run_dir / EVAL_DIR, results, summary)
-  if out is not None:
+  if out is not None:  # first: an --out that cannot be written leaves RUN_DIR/eval as it was
     _write(Path(out), _results_json(results))
+  store(run_dir / EVAL_DIR, results, summary)
   return summary
 
 

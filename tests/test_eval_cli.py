@@ -115,6 +115,11 @@ def test_bad_runs_and_options_fail_before_lm_eval_builds_its_tasks(ar_run, diffu
          match="eval: gen_kwargs top_k is for AR runs; this run is diffusion")
   _fails(ar_run, "--tasks", "piqa", "--data-dir", tmp_path / "absent",
          match=f"eval data dir {tmp_path / 'absent'} does not exist")
+  (tmp_path / "file").write_text("")
+  _fails(ar_run, "--tasks", "piqa", "--out", tmp_path,
+         match=f"error: eval: cannot write {tmp_path}: Is a directory")
+  _fails(ar_run, "--tasks", "piqa", "--out", tmp_path / "file" / "results.json",
+         match=f"error: eval: cannot write {tmp_path / 'file' / 'results.json'}: Not a directory")
 
 
 def test_unknown_tasks_and_missing_task_data_are_one_line(ar_run, tmp_path):
@@ -165,6 +170,18 @@ def test_ar_eval_prints_the_table_and_stores_lm_eval_results(ar_run, ar_eval):
   assert by_task["piqa"]["chance"] == 0.5 and by_task["gsm8k"]["chance"] == 0.0
   assert by_task["gsm8k"]["filter"] == "strict-match"
   assert by_task["gsm8k"]["num_fewshot"] == 5 and by_task["piqa"]["num_fewshot"] == 0
+
+
+def test_an_out_found_unwritable_only_at_the_end_leaves_the_run_s_eval_as_it_was(
+    ar_run, ar_eval, tmp_path, monkeypatch):
+  """A full disk, say: the check before the evaluation passed, the write after it fails."""
+  from eval import report
+
+  monkeypatch.setattr(report, "check_writable", lambda *_: None)
+  monkeypatch.setattr(report, "_simple_evaluate", lambda *_: json.loads(ar_eval[1].read_text()))
+  assert _files(ar_run / "eval")  # the evaluation's files, which must stay as they are
+  _fails(ar_run, "--tasks", "piqa", "--out", tmp_path,
+         match=f"error: eval: cannot write {tmp_path}: Is a directory")
 
 
 def test_export_puts_the_evaluation_in_the_model_card(ar_run, ar_eval, tmp_path):
