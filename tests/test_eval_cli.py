@@ -113,6 +113,10 @@ def test_bad_runs_and_options_fail_before_lm_eval_builds_its_tasks(ar_run, diffu
          match="eval: --mc-samples is for diffusion runs; this run is AR")
   _fails(diffusion_run, "--tasks", "gsm8k", "--gen-kwargs", "top_k=5",
          match="eval: gen_kwargs top_k is for AR runs; this run is diffusion")
+  _fails(ar_run, "--tasks", "gsm8k", "--gen-kwargs", "max_gen_toks=abc",
+         match="error: eval: --gen-kwargs max_gen_toks=abc: expected an integer ≥ 1")
+  _fails(ar_run, "--tasks", "gsm8k", "--gen-kwargs", f"{SHORT},temperature=nan",
+         match="error: eval: --gen-kwargs temperature=nan: expected a finite number ≥ 0")
   _fails(ar_run, "--tasks", "piqa", "--data-dir", tmp_path / "absent",
          match=f"eval data dir {tmp_path / 'absent'} does not exist")
   (tmp_path / "file").write_text("")
