@@ -10,6 +10,7 @@ import pytest
 import yaml
 
 from dhara_jax.cli import main
+from eval.data import shipped_data_dir
 from test_generate_cli import one_step_run, shortest_conversion
 
 # The prompts need a context of 64; 4 × 64 tokens a step keeps the conversion at 3 steps.
@@ -132,6 +133,12 @@ def test_unknown_tasks_and_missing_task_data_are_one_line(ar_run, tmp_path):
   empty.mkdir()
   _fails(ar_run, "--tasks", "piqa", "--data-dir", empty,
          match=f"no baber/piqa data in {empty / 'piqa'}")
+  (tmp_path / "binary" / "piqa").mkdir(parents=True)
+  binary = tmp_path / "binary" / "piqa" / "piqa_validation.jsonl"
+  first = (shipped_data_dir() / "piqa" / binary.name).read_bytes().splitlines(keepends=True)[0]
+  binary.write_bytes(first + b"\x89PNG\r\n\x1a\n\x00\x00")
+  _fails(ar_run, "--tasks", "piqa", "--data-dir", tmp_path / "binary",
+         match=f"error: {binary}:2: not UTF-8 text (invalid start byte at byte 1 of the line)")
 
 
 # --- evaluations ----------------------------------------------------------------------------
