@@ -5,6 +5,7 @@ one line that writes nothing. Scores of untrained models are not test material."
 import contextlib
 import io
 import json
+import shutil
 
 import pytest
 import yaml
@@ -139,6 +140,19 @@ def test_unknown_tasks_and_missing_task_data_are_one_line(ar_run, tmp_path):
   binary.write_bytes(first + b"\x89PNG\r\n\x1a\n\x00\x00")
   _fails(ar_run, "--tasks", "piqa", "--data-dir", tmp_path / "binary",
          match=f"error: {binary}:2: not UTF-8 text (invalid start byte at byte 1 of the line)")
+
+
+def test_eval_outside_a_git_repository_prints_nothing_of_git(ar_run, tmp_path, monkeypatch,
+                                                             capfd):
+  """lm-eval records `git describe` of the working directory in its results; outside a
+  repository, git's "fatal: not a git repository" reached stderr on every evaluation."""
+  run_dir = tmp_path / "run"  # a copy: this evaluation does not replace the module's
+  shutil.copytree(ar_run, run_dir, ignore=shutil.ignore_patterns("eval"))
+  monkeypatch.chdir(tmp_path)
+  code, _, err = _dhara("eval", run_dir, "--tasks", "piqa", "--limit", 1, "--no-progress")
+  assert code == 0, err
+  assert "fatal" not in capfd.readouterr().err + err
+  assert json.loads((run_dir / "eval" / "results.json").read_text())["git_hash"] is None
 
 
 # --- evaluations ----------------------------------------------------------------------------
