@@ -90,6 +90,11 @@ def checkpoint_directory(run_dir: Path, directory: str = "") -> epath.Path:
                     Path(directory or Path(run_dir) / "checkpoints").resolve())
 
 
+def holds_checkpoint(directory: epath.PathLike) -> bool:
+  """Whether `directory` (which exists) holds a finished step; reads only, takes no lock."""
+  return ocp.path.step.any_checkpoint_step(directory) is not None
+
+
 class Checkpointer:
   def __init__(self, run_dir: Path, keep: int, async_save: bool = True, directory: str = "",
                create: bool = True, best: int = 0):

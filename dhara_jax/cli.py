@@ -310,7 +310,10 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--limit", type=int, default=None, help="at most N documents per task")
   p.add_argument("--data-dir", default=None, help="benchmark files in the layout of "
                  "data/eval (default: that shipped slice), or 'hub' for the Hugging Face Hub")
-  p.add_argument("--out", default=None, help="also write lm-eval's results JSON here")
+  p.add_argument("--out", default=None, help="also write a copy of lm-eval's results JSON "
+                 "(RUN_DIR/eval/results.json) to this file, and only that: RUN_DIR/eval/ "
+                 "(results.json, samples/, summary.json, table.md) is always written. If OUT "
+                 "cannot be written, nothing is")
   p.add_argument("--step", type=non_negative_int, default=None,
                  help="the checkpoint (default: latest)")
   p.add_argument("--batch-tokens", type=positive_int, default=8192,

@@ -110,6 +110,12 @@ def convert(ar_run: Path, spec: str | Path, overrides: list[str], run_dir: Path,
     raise DharaError(f"convert: {ar_run} is not an AR run (train.objective: "
                      f"{ar_cfg.train.objective}); convert an AR run")
   record = _read_record(run_dir)
+  # A config without a record is another run (the AR run itself, say): writing the record
+  # into it would make it read as a conversion, and the loop would refuse it only afterwards.
+  if record is None and (run_dir / "config.yaml").is_file():
+    what = ("is the AR run itself" if run_dir.resolve() == ar_run.resolve() else
+            f"holds a run that is not a conversion (no {RECORD})")
+    raise DharaError(f"convert: --run-dir {run_dir} {what}; use a new --run-dir")
   if record is not None:
     if Path(record["ar_run"]).resolve() != ar_run.resolve():
       raise DharaError(f"convert: {run_dir} is a conversion of {record['ar_run']}, not of "

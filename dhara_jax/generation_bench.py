@@ -114,7 +114,7 @@ def read_prompts(prompt: str | None, prompt_file: str | None) -> list[str]:
     raise DharaError("generate: give either --prompt TEXT or --prompt-file FILE"
                      + (", not both" if prompt is not None else ""))
   if prompt is not None:
-    return [prompt]
+    return _without_nul([prompt], lambda _: "--prompt")
   path = Path(prompt_file)
   if not path.is_file():
     raise DharaError(f"generate: no prompt file {path}")
@@ -128,7 +128,16 @@ def read_prompts(prompt: str | None, prompt_file: str | None) -> list[str]:
   empty = [i for i, line in enumerate(lines, 1) if not line.strip()]
   if empty:
     raise DharaError(f"generate: {path} line {empty[0]} is empty (one prompt per line)")
-  return lines
+  return _without_nul(lines, lambda line: f"{path} line {line}")
+
+
+def _without_nul(texts: list[str], where: Callable[[int], str]) -> list[str]:
+  """`texts`, none holding a NUL character (a binary file, a stray byte): the tokenizer would
+  take it as a byte token, and the continuation of such a prompt is nothing a user asked for."""
+  for line, text in enumerate(texts, 1):
+    if "\0" in text:
+      raise DharaError(f"generate: {where(line)} holds a NUL character; prompts are text")
+  return texts
 
 
 def generate_from_run(run_dir: str | Path, texts: Sequence[str], sampling: Any,

@@ -24,7 +24,8 @@ from jax.sharding import Mesh
 
 from dhara_jax import config as config_lib
 from dhara_jax import distributed
-from dhara_jax.checkpoint import Checkpointer, checkpoint_directory, ensure_writable
+from dhara_jax.checkpoint import (Checkpointer, checkpoint_directory, ensure_writable,
+                                  holds_checkpoint)
 from dhara_jax.config import Config
 from dhara_jax.errors import DharaError
 from dhara_jax.metrics import MetricsWriter, mfu
@@ -150,6 +151,11 @@ def run(cfg: Config, run_dir: Path, data: Callable[[Config, Mesh], Data] = pipel
     data = data(cfg, mesh)
     cfg = cfg.with_mask_token(data.mask_ids)
     tx, shardings = build(cfg, mesh)
+    # A new run's starting weights are read before the run dir gets its lock or the plan its
+    # record: a source checkpoint that fails to read (a conversion's AR run) leaves no trace.
+    start_params = (initial_params(cfg, mesh)
+                    if initial_params is not None and not holds_checkpoint(checkpoint_dir)
+                    else None)
     steps_plan = plan(cfg)
   resolved = config_lib.to_dict(cfg)
   with contextlib.ExitStack() as cleanup:
@@ -173,8 +179,9 @@ def run(cfg: Config, run_dir: Path, data: Callable[[Config, Mesh], Data] = pipel
       state = checkpoints.restore(latest, abstract_state(cfg, tx, shardings), data.train)
     else:
       state = init_state(cfg, mesh, tx, shardings)
-      if initial_params is not None:
-        state["params"] = initial_params(cfg, mesh)
+      if initial_params is not None:  # read above, unless a checkpoint was seen then
+        state["params"] = (start_params if start_params is not None
+                           else initial_params(cfg, mesh))
         state["opt_state"] = jax.jit(tx.init, out_shardings=shardings["opt_state"])(
             state["params"])
       if jax.process_index() == 0:  # one writer on a shared run dir

@@ -149,8 +149,13 @@ def _records(path: Path, spec: _Spec, features: "datasets.Features") -> list[dic
 
 
 def _read_jsonl(path: Path, spec: _Spec, features: "datasets.Features"):
-  with open(path, encoding="utf-8") as f:
-    for lineno, line in enumerate(f, 1):
+  with open(path, "rb") as f:  # decoded a line at a time: a bad byte is then named by its line
+    for lineno, data in enumerate(f, 1):
+      try:
+        line = data.decode("utf-8")
+      except UnicodeDecodeError as e:
+        raise DharaError(f"{path}:{lineno}: not UTF-8 text ({e.reason} at byte {e.start + 1} "
+                         "of the line)") from None
       if not line.strip():
         continue
       try:

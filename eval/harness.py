@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from lm_eval.api.model import TemplateLM
+from lm_eval.utils import simple_parse_args_string
 from tqdm import tqdm
 
 from dhara_jax.errors import DharaError
@@ -196,10 +198,35 @@ def check_options(phase: Phase, diffusion_options: Sequence[str]) -> None:
 AR_ONLY_GEN_KWARGS = ("top_k", "top_p")  # the diffusion samplers have no nucleus / top-k
 
 
+def _is_integer(value: Any) -> bool:
+  return isinstance(value, int) and not isinstance(value, bool)  # lm-eval parses "true" too
+
+
+def _is_number(value: Any) -> bool:
+  return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+# The gen_kwargs that lm-eval (normalize_gen_kwargs) and the samplers convert, with what each
+# must be once lm-eval has parsed it (ints, floats, true/false, else text): a value that does
+# not convert would fail deep inside lm-eval, after the tasks are built.
+GEN_KWARG_KINDS: dict[str, tuple[Callable[[Any], bool], str]] = {
+    **dict.fromkeys(("max_gen_toks", "max_new_tokens", "max_tokens", "max_completion_tokens"),
+                    (lambda v: _is_integer(v) and v >= 1, "an integer ≥ 1")),
+    "temperature": (lambda v: _is_number(v) and math.isfinite(v) and v >= 0,
+                    "a finite number ≥ 0"),
+    "do_sample": (lambda v: isinstance(v, bool), "true or false"),
+    "top_k": (lambda v: _is_integer(v) and v >= 0, "an integer ≥ 0"),
+    "top_p": (lambda v: _is_number(v) and 0 < v <= 1, "a number in (0, 1]"),
+}
+
+
 def check_gen_kwargs(phase: Phase, gen_kwargs: str | None) -> None:
-  """lm-eval's --gen_kwargs ("key=value,..."): AR-only settings refused on a diffusion run."""
-  if not gen_kwargs:
-    return
-  keys = [item.split("=", 1)[0].strip() for item in gen_kwargs.split(",") if item.strip()]
-  if bad := [k for k in keys if k in AR_ONLY_GEN_KWARGS and phase.diffusion]:
+  """lm-eval's --gen_kwargs ("key=value,...", parsed as lm-eval parses it): a value of the
+  wrong kind, or an AR-only setting on a diffusion run, is refused in one line."""
+  kwargs = {k.strip(): v for k, v in simple_parse_args_string(gen_kwargs).items()}
+  if bad := [k for k in kwargs if k in AR_ONLY_GEN_KWARGS and phase.diffusion]:
     raise DharaError(f"eval: gen_kwargs {', '.join(bad)} is for AR runs; this run is diffusion")
+  for key, value in kwargs.items():
+    fits, what = GEN_KWARG_KINDS.get(key, (lambda _: True, ""))
+    if not fits(value):
+      raise DharaError(f"eval: --gen-kwargs {key}={value}: expected {what}")

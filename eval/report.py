@@ -12,12 +12,14 @@ import json
 import logging
 import math
 import os
+import subprocess
 import time
 from pathlib import Path
 from typing import Any, Sequence
 
 import jax
 
+from data_pipeline.files import check_writable
 from dhara_jax.errors import DharaError
 from eval.harness import DharaLM, Options
 from eval.registry import STUDY, STUDY_TASKS, StudyTask, lm_eval_version
@@ -54,6 +56,8 @@ def evaluate(run_dir: str | Path, tasks: str = STUDY, *, limit: int | None = Non
   phase = trained_phase(run_dir)
   harness.check_options(phase, diffusion_options)
   harness.check_gen_kwargs(phase, gen_kwargs)
+  if out is not None:  # now, not after an evaluation that may take hours
+    check_writable(out, "eval")
   tm = task_manager or registry.task_manager(data_dir)  # checks the data dir
   names = registry.resolve_tasks(tasks, tm)
   run = load_run(run_dir, step)
@@ -63,19 +67,22 @@ def evaluate(run_dir: str | Path, tasks: str = STUDY, *, limit: int | None = Non
   seconds = time.perf_counter() - started
   summary = summarize(results, run, limit, data_dir, seconds)
   if jax.process_index() == 0:  # every process of a job has the results; one writes them
-    store(run_dir / EVAL_DIR, results, summary)
-    if out is not None:
+    if out is not None:  # first: an --out that cannot be written leaves RUN_DIR/eval as it was
       _write(Path(out), _results_json(results))
+    store(run_dir / EVAL_DIR, results, summary)
   return summary
 
 
 def _simple_evaluate(lm: DharaLM, names: list[str], tm: Any, limit: int | None,
                      gen_kwargs: str | None) -> dict:
   import lm_eval
+  import lm_eval.evaluator
 
   quiet = not lm.options.progress and "TQDM_DISABLE" not in os.environ
   if quiet:  # lm-eval's own bars (one per task while it builds requests)
     os.environ["TQDM_DISABLE"] = "1"
+  git_hash = lm_eval.evaluator.get_git_commit_hash  # simple_evaluate records it in results
+  lm_eval.evaluator.get_git_commit_hash = _git_hash_quietly
   try:
     return lm_eval.simple_evaluate(model=lm, tasks=names, task_manager=tm, limit=limit,
                                    log_samples=True, gen_kwargs=gen_kwargs,
@@ -87,8 +94,22 @@ def _simple_evaluate(lm: DharaLM, names: list[str], tm: Any, limit: int | None,
     raise DharaError(f"eval: lm-eval failed: {type(e).__name__}: "
                      f"{str(e).splitlines()[0] if str(e) else ''}") from e
   finally:
+    lm_eval.evaluator.get_git_commit_hash = git_hash
     if quiet:
       del os.environ["TQDM_DISABLE"]
+
+
+def _git_hash_quietly() -> str | None:
+  """lm-eval's get_git_commit_hash (`git describe --always` in the working directory, else
+  what ./.git names) with git's stderr kept from ours: outside a repository, git would print
+  "fatal: not a git repository" on every evaluation."""
+  from lm_eval.loggers.utils import get_commit_from_path
+
+  try:
+    return subprocess.run(["git", "describe", "--always"], capture_output=True, text=True,
+                          check=True).stdout.strip()
+  except (subprocess.CalledProcessError, FileNotFoundError):  # no repository; no git at all
+    return get_commit_from_path(os.getcwd())
 
 
 # --- the study's table ------------------------------------------------------------------------

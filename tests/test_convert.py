@@ -1,6 +1,7 @@
 """`dhara convert`: the WSD plan, bad inputs, top-k averaging, resume across a stage."""
 
 import json
+import shutil
 import subprocess
 import sys
 
@@ -105,6 +106,44 @@ def test_bad_inputs_are_one_line_and_write_nothing(ar_run, tmp_path, capsys):
   assert code == 2 and err.endswith(f"error: convert: {diffusion} is not an AR run "
                                     "(train.objective: mdm); convert an AR run\n")
   assert not out.exists()
+
+
+def _files(directory):
+  """Every file and folder under `directory` with its size and mtime: what a refused command
+  must leave as it was (a folder's mtime changes when an entry is added or removed)."""
+  return {p: (p.stat().st_size, p.stat().st_mtime_ns) for p in directory.rglob("*")}
+
+
+def test_another_run_as_the_output_is_refused_untouched(ar_run, tmp_path, capsys):
+  from dhara_jax.sampling import trained_phase
+
+  before = _files(ar_run)
+  code, err = _convert(capsys, ar_run, ar_run)
+  assert code == 2 and err.splitlines() == [
+      f"error: convert: --run-dir {ar_run} is the AR run itself; use a new --run-dir"]
+  assert _files(ar_run) == before and trained_phase(ar_run) == Phase("ar")  # no stray record
+  other = tmp_path / "other"
+  other.mkdir()
+  (other / "config.yaml").write_text((ar_run / "config.yaml").read_text())
+  code, err = _convert(capsys, ar_run, other)
+  assert code == 2 and err.splitlines() == [
+      f"error: convert: --run-dir {other} holds a run that is not a conversion (no "
+      "conversion.json); use a new --run-dir"]
+  assert [p.name for p in other.iterdir()] == ["config.yaml"]
+
+
+def test_a_damaged_ar_checkpoint_is_one_line_and_leaves_no_run_dir(ar_run, tmp_path, capsys):
+  damaged = tmp_path / "ar"
+  shutil.copytree(ar_run, damaged)
+  for f in (damaged / "checkpoints" / "4" / "state").rglob("d/*"):  # truncate the array data
+    f.write_bytes(f.read_bytes()[:f.stat().st_size // 2])
+  before = _files(damaged)
+  code, err = _convert(capsys, damaged, tmp_path / "conv")
+  lines = [line for line in err.splitlines() if not line.startswith("WARNING:")]
+  assert code == 2 and len(lines) == 1, err
+  assert lines[0].startswith(f"error: checkpoint: {damaged / 'checkpoints' / '4'} is unreadable "
+                             "(") and "move it aside" in lines[0]
+  assert not (tmp_path / "conv").exists() and _files(damaged) == before
 
 
 def test_a_conversion_runs_the_plan_and_averages_the_best_decay_checkpoints(ar_run, tmp_path):

@@ -5,11 +5,13 @@ one line that writes nothing. Scores of untrained models are not test material."
 import contextlib
 import io
 import json
+import shutil
 
 import pytest
 import yaml
 
 from dhara_jax.cli import main
+from eval.data import shipped_data_dir
 from test_generate_cli import one_step_run, shortest_conversion
 
 # The prompts need a context of 64; 4 × 64 tokens a step keeps the conversion at 3 steps.
@@ -113,8 +115,17 @@ def test_bad_runs_and_options_fail_before_lm_eval_builds_its_tasks(ar_run, diffu
          match="eval: --mc-samples is for diffusion runs; this run is AR")
   _fails(diffusion_run, "--tasks", "gsm8k", "--gen-kwargs", "top_k=5",
          match="eval: gen_kwargs top_k is for AR runs; this run is diffusion")
+  _fails(ar_run, "--tasks", "gsm8k", "--gen-kwargs", "max_gen_toks=abc",
+         match="error: eval: --gen-kwargs max_gen_toks=abc: expected an integer ≥ 1")
+  _fails(ar_run, "--tasks", "gsm8k", "--gen-kwargs", f"{SHORT},temperature=nan",
+         match="error: eval: --gen-kwargs temperature=nan: expected a finite number ≥ 0")
   _fails(ar_run, "--tasks", "piqa", "--data-dir", tmp_path / "absent",
          match=f"eval data dir {tmp_path / 'absent'} does not exist")
+  (tmp_path / "file").write_text("")
+  _fails(ar_run, "--tasks", "piqa", "--out", tmp_path,
+         match=f"error: eval: cannot write {tmp_path}: Is a directory")
+  _fails(ar_run, "--tasks", "piqa", "--out", tmp_path / "file" / "results.json",
+         match=f"error: eval: cannot write {tmp_path / 'file' / 'results.json'}: Not a directory")
 
 
 def test_unknown_tasks_and_missing_task_data_are_one_line(ar_run, tmp_path):
@@ -123,6 +134,25 @@ def test_unknown_tasks_and_missing_task_data_are_one_line(ar_run, tmp_path):
   empty.mkdir()
   _fails(ar_run, "--tasks", "piqa", "--data-dir", empty,
          match=f"no baber/piqa data in {empty / 'piqa'}")
+  (tmp_path / "binary" / "piqa").mkdir(parents=True)
+  binary = tmp_path / "binary" / "piqa" / "piqa_validation.jsonl"
+  first = (shipped_data_dir() / "piqa" / binary.name).read_bytes().splitlines(keepends=True)[0]
+  binary.write_bytes(first + b"\x89PNG\r\n\x1a\n\x00\x00")
+  _fails(ar_run, "--tasks", "piqa", "--data-dir", tmp_path / "binary",
+         match=f"error: {binary}:2: not UTF-8 text (invalid start byte at byte 1 of the line)")
+
+
+def test_eval_outside_a_git_repository_prints_nothing_of_git(ar_run, tmp_path, monkeypatch,
+                                                             capfd):
+  """lm-eval records `git describe` of the working directory in its results; outside a
+  repository, git's "fatal: not a git repository" reached stderr on every evaluation."""
+  run_dir = tmp_path / "run"  # a copy: this evaluation does not replace the module's
+  shutil.copytree(ar_run, run_dir, ignore=shutil.ignore_patterns("eval"))
+  monkeypatch.chdir(tmp_path)
+  code, _, err = _dhara("eval", run_dir, "--tasks", "piqa", "--limit", 1, "--no-progress")
+  assert code == 0, err
+  assert "fatal" not in capfd.readouterr().err + err
+  assert json.loads((run_dir / "eval" / "results.json").read_text())["git_hash"] is None
 
 
 # --- evaluations ----------------------------------------------------------------------------
@@ -165,6 +195,18 @@ def test_ar_eval_prints_the_table_and_stores_lm_eval_results(ar_run, ar_eval):
   assert by_task["piqa"]["chance"] == 0.5 and by_task["gsm8k"]["chance"] == 0.0
   assert by_task["gsm8k"]["filter"] == "strict-match"
   assert by_task["gsm8k"]["num_fewshot"] == 5 and by_task["piqa"]["num_fewshot"] == 0
+
+
+def test_an_out_found_unwritable_only_at_the_end_leaves_the_run_s_eval_as_it_was(
+    ar_run, ar_eval, tmp_path, monkeypatch):
+  """A full disk, say: the check before the evaluation passed, the write after it fails."""
+  from eval import report
+
+  monkeypatch.setattr(report, "check_writable", lambda *_: None)
+  monkeypatch.setattr(report, "_simple_evaluate", lambda *_: json.loads(ar_eval[1].read_text()))
+  assert _files(ar_run / "eval")  # the evaluation's files, which must stay as they are
+  _fails(ar_run, "--tasks", "piqa", "--out", tmp_path,
+         match=f"error: eval: cannot write {tmp_path}: Is a directory")
 
 
 def test_export_puts_the_evaluation_in_the_model_card(ar_run, ar_eval, tmp_path):

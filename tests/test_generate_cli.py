@@ -136,6 +136,26 @@ def test_bad_inputs_are_one_line(ar_run, diffusion_run, tmp_path, capsys):
     assert not out
 
 
+def test_non_finite_temperatures_bad_seeds_and_nul_prompts_are_one_line(ar_run, tmp_path,
+                                                                        capsys):
+  nul = tmp_path / "nul.txt"
+  nul.write_text("one\nt\0wo\n")
+  cases = [
+      (["--prompt", PROMPT, "--temperature", "nan"],
+       "generate: temperature must be a finite number ≥ 0, got nan"),
+      (["--prompt", PROMPT, "--temperature", "inf"],
+       "generate: temperature must be a finite number ≥ 0, got inf"),
+      (["--prompt", PROMPT, "--seed", -1], "generate: seed must be in [0, 2³²), got -1"),
+      (["--prompt", PROMPT, "--seed", 2**32],
+       "generate: seed must be in [0, 2³²), got 4294967296"),
+      (["--prompt", "t\0wo"], "generate: --prompt holds a NUL character; prompts are text"),
+      (["--prompt-file", nul], f"generate: {nul} line 2 holds a NUL character; prompts are text"),
+  ]
+  for argv, message in cases:  # 4 new tokens fit the tiny model's context: only argv is wrong
+    code, out, err = _dhara(capsys, "generate", ar_run, "--max-new-tokens", 4, *argv)
+    assert (code, out, err) == (2, "", f"error: {message}\n"), argv
+
+
 def test_bench_settings_follow_the_block_size_and_say_what_they_skip():
   from dhara_jax.sampling import Sampling
 

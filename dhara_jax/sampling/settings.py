@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 
 from dhara_jax.errors import DharaError
 
 REMASKING = ("low_confidence", "random")
 CACHES = ("auto", "none", "block", "approx")
+SEED_LIMIT = 2**32
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,8 +56,8 @@ def check_sampling(s: Sampling) -> None:
   """One line naming the first setting out of range (the ones that need no model)."""
   if s.max_new_tokens < 1:
     raise DharaError(f"generate: max_new_tokens must be ≥ 1, got {s.max_new_tokens}")
-  if s.temperature < 0:
-    raise DharaError(f"generate: temperature must be ≥ 0, got {s.temperature}")
+  if not (math.isfinite(s.temperature) and s.temperature >= 0):  # nan passes a plain < 0
+    raise DharaError(f"generate: temperature must be a finite number ≥ 0, got {s.temperature}")
   if s.top_k < 0:
     raise DharaError(f"generate: top_k must be ≥ 0, got {s.top_k}")
   if not 0 < s.top_p <= 1:
@@ -72,3 +74,5 @@ def check_sampling(s: Sampling) -> None:
     raise DharaError("generate: a stop sequence is empty")
   if s.cache not in CACHES:
     raise DharaError(f"generate: cache must be one of {', '.join(CACHES)}, got {s.cache!r}")
+  if not 0 <= s.seed < SEED_LIMIT:  # jax.random.key wraps other seeds onto these, or overflows
+    raise DharaError(f"generate: seed must be in [0, 2³²), got {s.seed}")
