@@ -26,7 +26,7 @@ import numpy as np
 from dhara_jax.benchmarking import seconds_per_call
 from dhara_jax.kernels import attention, lowering
 from dhara_jax.model.attention import attend
-from dhara_jax.model.masks import attention_mask
+from dhara_jax.masks import attention_mask
 
 
 # Largest |Δ| from the xla path, relative to the largest |value|, over output and gradients.

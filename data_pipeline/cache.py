@@ -84,7 +84,8 @@ def _npy_bytes(array: np.ndarray) -> bytes:
   return buf.getvalue()
 
 
-def _reusable(folder: Path, k: int, unit: Unit, tokenizer: Tokenizer, dtype: np.dtype) -> dict | None:
+def _reusable(folder: Path, k: int, unit: Unit, tokenizer: Tokenizer,
+              dtype: np.dtype) -> dict | None:
   try:
     meta = json.loads((folder / f"{k:05d}.json").read_text())
     size = (folder / f"{k:05d}.tokens").stat().st_size

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from dhara_jax.errors import ConfigError
+from dhara_jax.sections import build_section
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 FORMATS = ("auto", "parquet", "jsonl", "text", "tfds")
@@ -78,19 +79,17 @@ class DataConfig:
 
   @classmethod
   def from_raw(cls, raw: Mapping[str, Any]) -> "DataConfig":
-    from dhara_jax.config import _build  # lazy: dhara_jax.config imports this module
-
     if not isinstance(raw, Mapping):
       raise ConfigError(f"data: expected a mapping, got {raw!r}")
     raw = dict(raw)
     sources = raw.pop("sources", None)
     weights = raw.pop("weights", None)
-    scalars = _build(cls, raw, "data")
+    scalars = build_section(cls, raw, "data")
     if sources is None:
       sources = [dataclasses.asdict(s) for s in cls.sources]
     if not isinstance(sources, (list, tuple)) or not sources:
       raise ConfigError("data.sources: expected a non-empty list of sources")
-    parsed = tuple(_build(SourceConfig, _named(s, i), f"data.sources[{i}]")
+    parsed = tuple(build_section(SourceConfig, _named(s, i), f"data.sources[{i}]")
                    for i, s in enumerate(sources))
     if weights is not None:
       parsed = _apply_weights(parsed, weights)

@@ -19,7 +19,8 @@ def _tag(row: dict[str, np.ndarray], source: int) -> dict[str, np.ndarray]:
   return {**row, "source": np.int32(source)}
 
 
-def mix(streams: Mapping[int, grain.IterDataset], weights: Mapping[int, float]) -> grain.IterDataset:
+def mix(streams: Mapping[int, grain.IterDataset],
+        weights: Mapping[int, float]) -> grain.IterDataset:
   """Rows of `streams` (source index -> packed rows), tagged with `source`, mixed by weight."""
   tagged = [ds.map(functools.partial(_tag, source=k)) for k, ds in streams.items()]
   return grain.IterDataset.mix(tagged, [weights[k] for k in streams])

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import types
 import typing
 from pathlib import Path
 from typing import Any, Iterable, Mapping
@@ -17,6 +16,7 @@ import yaml
 
 from data_pipeline.config import DataConfig
 from dhara_jax.errors import ConfigError
+from dhara_jax.sections import build_section
 
 CONFIG_ROOT = Path(__file__).resolve().parent.parent / "configs"
 
@@ -394,52 +394,6 @@ def _validate_model(c: ModelConfig) -> None:
 # ---------------------------------------------------------------------------------------------
 # Loading.
 
-def _field_type(cls: type, name: str) -> Any:
-  return typing.get_type_hints(cls)[name]
-
-
-def _coerce(value: Any, typ: Any, where: str) -> Any:
-  """Checks a YAML value against a dataclass field type; ints are accepted for floats."""
-  if typing.get_origin(typ) in (typing.Union, types.UnionType):
-    typ = next(t for t in typing.get_args(typ) if t is not type(None))
-  if typ is bool:
-    if isinstance(value, bool):
-      return value
-  elif typ is int:
-    if isinstance(value, int) and not isinstance(value, bool):
-      return value
-  elif typ is float:
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-      return float(value)
-    if isinstance(value, str):  # YAML 1.1 reads "1e-3" (no dot) as a string
-      try:
-        return float(value)
-      except ValueError:
-        pass
-  elif typ is str:
-    if isinstance(value, str):
-      return value
-  elif typing.get_origin(typ) is tuple:  # tuple[int, ...]: a YAML list
-    if isinstance(value, (list, tuple)):
-      item = typing.get_args(typ)[0]
-      return tuple(_coerce(v, item, f"{where}[{i}]") for i, v in enumerate(value))
-    raise ConfigError(f"{where}: expected a list, got {value!r}")
-  else:  # pragma: no cover - only the types above are used in configs
-    return value
-  raise ConfigError(f"{where}: expected {typ.__name__}, got {value!r}")
-
-
-def _build(cls: type, raw: Mapping[str, Any], section: str) -> Any:
-  if not isinstance(raw, Mapping):
-    raise ConfigError(f"{section}: expected a mapping, got {raw!r}")
-  known = {f.name for f in dataclasses.fields(cls)}
-  unknown = sorted(set(raw) - known)
-  if unknown:
-    raise ConfigError(f"{section}.{unknown[0]}: unknown field")
-  kwargs = {k: _coerce(v, _field_type(cls, k), f"{section}.{k}") for k, v in raw.items()}
-  return cls(**kwargs)
-
-
 _SECTIONS = {"model": ModelConfig, "mesh": MeshConfig, "data": DataConfig,
              "train": TrainConfig, "convert": ConvertConfig}
 
@@ -532,7 +486,7 @@ def from_dict(raw: Mapping[str, Any]) -> Config:
     raise ConfigError(f"{unknown[0]}: unknown config section (known: {', '.join(_SECTIONS)})")
   # A section with nested values (data.sources) parses itself through `from_raw`.
   sections = {name: cls.from_raw(raw.get(name) or {}) if hasattr(cls, "from_raw")
-              else _build(cls, raw.get(name) or {}, name) for name, cls in _SECTIONS.items()}
+              else build_section(cls, raw.get(name) or {}, name) for name, cls in _SECTIONS.items()}
   return Config(**sections)
 
 

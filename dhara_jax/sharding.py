@@ -18,7 +18,7 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
-from dhara_jax.config import MeshConfig, ModelConfig
+from dhara_jax.config import MeshConfig
 from dhara_jax.errors import ConfigError
 
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -82,15 +82,6 @@ def spec_for(logical: PartitionSpec, shape: Sequence[int], mesh: Mesh) -> Partit
     used.update(kept)
     out.append(None if not kept else kept[0] if len(kept) == 1 else tuple(kept))
   return PartitionSpec(*out)
-
-
-def param_shardings(cfg: ModelConfig, mesh: Mesh) -> Any:
-  """NamedSharding for every parameter of the model described by `cfg`."""
-  from dhara_jax.model import logical_axes, param_shapes  # model imports config only
-
-  return jax.tree.map(lambda spec, shape: NamedSharding(mesh, spec_for(spec, shape.shape, mesh)),
-                      logical_axes(cfg), param_shapes(cfg),
-                      is_leaf=lambda x: isinstance(x, PartitionSpec))
 
 
 def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:

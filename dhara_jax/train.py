@@ -21,10 +21,10 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from dhara_jax import losses
 from dhara_jax.config import Config
 from dhara_jax.losses import add_draws
-from dhara_jax.model import init_params
+from dhara_jax.model import init_params, param_shardings
 from dhara_jax.optim import learning_rate, optimizer
 from dhara_jax.phases import Phase, run_phase
-from dhara_jax.sharding import axis_rules, batch_shards, batch_sharding, param_shardings
+from dhara_jax.sharding import axis_rules, batch_shards, batch_sharding
 
 State = dict[str, Any]
 Batch = dict[str, jax.Array]

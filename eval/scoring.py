@@ -22,7 +22,6 @@ import numpy as np
 
 from dhara_jax.config import MeshConfig, ModelConfig
 from dhara_jax.errors import DharaError
-from dhara_jax.phases import Phase
 
 Pair = tuple[Sequence[int], Sequence[int]]  # (context tokens, continuation tokens)
 Score = tuple[float, bool]  # (log-likelihood, is_greedy)
@@ -116,7 +115,7 @@ def gathered(mesh: Any) -> Any:
 
 
 def replicated(cfg: ModelConfig, params: Any, mesh: Any) -> Any:
-  from dhara_jax.sharding import param_shardings
+  from dhara_jax.model import param_shardings
 
   return jax.device_put(params, param_shardings(cfg, mesh))
 

@@ -17,7 +17,7 @@ from dhara_jax.errors import ConfigError
 from dhara_jax.kernels import attention, lowering
 from dhara_jax.model import forward
 from dhara_jax.model.attention import attend, blocked_attention
-from dhara_jax.model.masks import attention_mask
+from dhara_jax.masks import attention_mask
 from tiny import random_params, tiny_config
 
 RNG = np.random.default_rng(0)
@@ -101,7 +101,8 @@ def test_model_with_flash_attention_matches_xla(impl, interpret_pallas):
   """The whole decoder, its gradients included; on a data×fsdp×tensor mesh the kernel runs per
   batch shard (XLA cannot partition a Pallas call)."""
   from dhara_jax.config import MeshConfig
-  from dhara_jax.sharding import axis_rules, make_mesh, param_shardings
+  from dhara_jax.model import param_shardings
+  from dhara_jax.sharding import axis_rules, make_mesh
 
   overrides = ["model.num_layers=2", "model.max_seq_len=128"]
   flash = tiny_config("llama3", *overrides, f"model.attention_impl={impl}")

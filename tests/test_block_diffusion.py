@@ -21,7 +21,7 @@ from dhara_jax.model import forward
 from dhara_jax.model.attention import attend, blocked_attention, dot_product_attention
 from dhara_jax.model.canon import Canon
 from dhara_jax.model.conv import block_diffusion_conv
-from dhara_jax.model.masks import block_diffusion_mask, block_diffusion_pattern
+from dhara_jax.masks import block_diffusion_mask, block_diffusion_pattern
 
 RNG = np.random.default_rng(0)
 

@@ -209,7 +209,8 @@ def test_canon_gradients_on_a_mesh_equal_single_device(impl, interpret_pallas):
   """Guards the shard_map around non-reference kernels: without it, Pallas cannot be
   partitioned and XLA's partitioner doubled the grouped-conv weight gradient."""
   from dhara_jax.config import MeshConfig
-  from dhara_jax.sharding import axis_rules, make_mesh, param_shardings
+  from dhara_jax.model import param_shardings
+  from dhara_jax.sharding import axis_rules, make_mesh
 
   cfg = tiny_config("llama3", "model.canon_set=ABCD", f"model.canon_impl={impl}")
   reference = tiny_config("llama3", "model.canon_set=ABCD", "model.canon_impl=reference")

@@ -10,7 +10,7 @@ from dhara_jax.config import FAMILIES
 from dhara_jax.model import forward, init_params
 from dhara_jax.model.conv import causal_depthwise_conv
 from dhara_jax.model.layers import rope_table
-from dhara_jax.model.masks import attention_mask, segment_positions
+from dhara_jax.masks import attention_mask, segment_positions
 from dhara_jax.model.moe import MoeMlp
 
 RNG = np.random.default_rng(0)

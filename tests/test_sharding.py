@@ -8,9 +8,8 @@ from tiny import random_params, tiny_config
 
 from dhara_jax.config import FAMILIES, MeshConfig
 from dhara_jax.errors import ConfigError
-from dhara_jax.model import forward
-from dhara_jax.sharding import (axis_rules, batch_sharding, make_mesh, param_shardings,
-                                spec_for)
+from dhara_jax.model import forward, param_shardings
+from dhara_jax.sharding import axis_rules, batch_sharding, make_mesh, spec_for
 
 
 def test_eight_fake_devices():

@@ -236,8 +236,9 @@ def _dhara(*args, **kwargs):
 
 
 def test_nan_stops_with_one_line_and_keeps_last_good_checkpoint(tmp_path):
-  proc = _dhara("train", "configs/runs/quickstart.yaml", *TINY_RUN, "train.lr=1e6", "train.min_lr=0",
-                "train.clip_norm=0", "train.warmup_fraction=0", "train.checkpoint_every=1",
+  proc = _dhara("train", "configs/runs/quickstart.yaml", *TINY_RUN, "train.lr=1e6",
+                "train.min_lr=0", "train.clip_norm=0", "train.warmup_fraction=0",
+                "train.checkpoint_every=1",
                 "--run-dir", str(tmp_path), "--no-progress")
   assert proc.returncode == 2
   line = proc.stderr.strip().splitlines()[-1]
@@ -257,7 +258,8 @@ def test_damaged_checkpoint_is_one_line_and_an_earlier_one_resumes(tmp_path):
                _dhara("export", str(tmp_path), "--out", str(tmp_path / "hf"))):
     assert proc.returncode == 2
     # One line, no tracebacks (the test's 8 fake devices add a logged mesh warning).
-    lines = [l for l in proc.stderr.strip().splitlines() if not l.startswith("WARNING:")]
+    lines = [line for line in proc.stderr.strip().splitlines()
+             if not line.startswith("WARNING:")]
     assert len(lines) == 1, proc.stderr
     assert lines[0].startswith(f"error: checkpoint: {tmp_path / 'checkpoints' / '4'} is "
                                "unreadable (") and "move it aside" in lines[0]

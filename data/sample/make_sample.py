@@ -51,7 +51,8 @@ def license_table(table: pa.Table) -> list[str]:
 
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__)
-  parser.add_argument("--standin", default=str(HERE.parents[2] / "shared/data/pretrain_text/standin"))
+  parser.add_argument("--standin",
+                      default=str(HERE.parents[2] / "shared/data/pretrain_text/standin"))
   args = parser.parse_args()
   report = []
   for slot, budget in BUDGET_CHARS.items():

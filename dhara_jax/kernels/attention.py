@@ -31,6 +31,7 @@ from jax.experimental.pallas.ops.gpu import attention as pallas_gpu_attention
 from jax.experimental.pallas.ops.tpu import splash_attention
 
 from dhara_jax.errors import ConfigError
+from dhara_jax.masks import block_diffusion_pattern
 from dhara_jax.kernels.lowering import compiles, interpret_requested, warn_once
 
 ENV_VAR = "DHARA_ATTENTION_IMPL"
@@ -77,7 +78,7 @@ def flash_attention(impl: str, q_BxLxHxK: jax.Array, k_BxLxGxK: jax.Array,
 
   With `block_size` > 0, q/k/v are over [x_t ; x_0] (B×2L), segment ids are x_0's (B×L), the
   mask is masks.block_diffusion_mask and `causal` is ignored (pallas_tpu only). Segment id 0
-  (padding) attends to padding, as in model/masks.py; losses ignore those rows.
+  (padding) attends to padding, as in dhara_jax/masks.py; losses ignore those rows.
   """
   interpret = interpret_requested(interpret)
   impl = resolve_impl(impl)
@@ -122,8 +123,6 @@ def _splash_kernel(length: int, heads: int, causal: bool, block_size: int, inter
   """The splash kernel for one row (its block-sparsity tables are built once per shape)."""
   shape = (length, length)
   if block_size:  # [x_t ; x_0]: the documents come as segment ids, the rest is static
-    from dhara_jax.model.masks import block_diffusion_pattern  # model imports this module
-
     mask = splash_attention.NumpyMask(block_diffusion_pattern(length // 2, block_size))
   elif causal:
     mask = splash_attention.CausalMask(shape)

@@ -7,6 +7,7 @@ from typing import Any, NamedTuple
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from dhara_jax.config import ModelConfig
 from dhara_jax.kernels import attention as attention_kernels
@@ -14,6 +15,7 @@ from dhara_jax.model.cache import Decode
 from dhara_jax.model.canon import conv_impl
 from dhara_jax.model.layers import matmul, soft_cap
 from dhara_jax.model.transformer import Transformer
+from dhara_jax.sharding import spec_for
 
 Params = dict[str, Any]
 
@@ -37,6 +39,13 @@ def logical_axes(cfg: ModelConfig) -> Params:
 def param_shapes(cfg: ModelConfig) -> Params:
   boxed = jax.eval_shape(lambda: Transformer(cfg).init(jax.random.key(0), _dummy_tokens(cfg)))
   return nn.meta.unbox(boxed)["params"]
+
+
+def param_shardings(cfg: ModelConfig, mesh: Mesh) -> Params:
+  """NamedSharding for every parameter, from its logical axes (sharding.LOGICAL_RULES)."""
+  return jax.tree.map(lambda spec, shape: NamedSharding(mesh, spec_for(spec, shape.shape, mesh)),
+                      logical_axes(cfg), param_shapes(cfg),
+                      is_leaf=lambda x: isinstance(x, PartitionSpec))
 
 
 def forward(cfg: ModelConfig, params: Params, tokens_BxL: jax.Array,

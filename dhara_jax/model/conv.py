@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 
 from dhara_jax.kernels.canon import canon_conv as causal_depthwise_conv  # noqa: F401
-from dhara_jax.model.masks import check_block_size
+from dhara_jax.masks import check_block_size
 
 # (x B×T×C, w K×C, segment ids B×T) → B×T×C: a causal conv, taps kept inside their segment.
 Conv = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]

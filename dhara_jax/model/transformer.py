@@ -16,7 +16,7 @@ from dhara_jax.model.conv import block_diffusion_conv, causal_depthwise_conv
 from dhara_jax.model.canon import maybe_canon, torch_conv_init
 from dhara_jax.model.layers import Dense, Embed, Norm, RopeTable, rope_table, soft_cap
 from dhara_jax.model.mlp import Mlp
-from dhara_jax.model.masks import (attention_mask, block_diffusion_mask, both_halves,
+from dhara_jax.masks import (attention_mask, block_diffusion_mask, both_halves,
                                    check_block_size, segment_positions)
 from dhara_jax.model.moe import MoeMlp
 

@@ -20,15 +20,18 @@ def one_source(path, fmt="auto", column="text"):
 BAD_INPUTS = {
     "missing path": (lambda d: [one_source(d / "nope")], r"data.sources[0].path: no such file"),
     "corrupt parquet": (
-        lambda d: (d / "c.parquet").write_bytes(write_parquet(d / "ok.parquet", ["a"] * 50)
-                                                .read_bytes()[:-30]) and [one_source(d / "c.parquet")],
+        lambda d: (d / "c.parquet").write_bytes(
+            write_parquet(d / "ok.parquet", ["a"] * 50).read_bytes()[:-30])
+        and [one_source(d / "c.parquet")],
         "is not a readable Parquet file"),
     "not parquet": (lambda d: (d / "t.txt").write_text("hello") and
                     [one_source(d / "t.txt", fmt="parquet")], "is not a readable Parquet file"),
     "missing text column": (lambda d: [one_source(write_parquet(d / "b.parquet", ["a"], "body"))],
                             "data.sources[0].text_column: no column 'text'"),
-    "negative weight": (lambda d: ["data.weights=[1, -1, 1]"], "data.sources[1].weight: must be >= 0"),
-    "all weights zero": (lambda d: ["data.weights=[0, 0, 0]"], "data.sources: all weights are zero"),
+    "negative weight": (lambda d: ["data.weights=[1, -1, 1]"],
+                        "data.sources[1].weight: must be >= 0"),
+    "all weights zero": (lambda d: ["data.weights=[0, 0, 0]"],
+                         "data.sources: all weights are zero"),
     "weights do not match": (lambda d: ["data.weights=[1, 1]"], "data.weights: 2 weights for 3"),
     "vocab over embedding": (lambda d: ["model.vocab_size=1000"],
                              "4096 tokens, more than model.vocab_size=1000"),
@@ -77,4 +80,5 @@ def test_entry_point_prints_one_line(tmp_path):
                          one_source(tmp_path / "missing"), f"data.cache_dir={tmp_path}"],
                         capture_output=True, text=True)
   assert proc.returncode == 2
-  assert proc.stderr == f"error: data.sources[0].path: no such file or folder: {tmp_path / 'missing'}\n"
+  assert proc.stderr == ("error: data.sources[0].path: no such file or folder: "
+                         f"{tmp_path / 'missing'}\n")

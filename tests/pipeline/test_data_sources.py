@@ -46,7 +46,8 @@ def test_formats_read_the_same_documents(tmp_path, layout):
     path = tmp_path
   elif layout == "jsonl.gz":
     path = tmp_path / "docs.jsonl.gz"
-    path.write_bytes(gzip.compress("".join(json.dumps({"text": t}) + "\n\n" for t in DOCS).encode()))
+    text = "".join(json.dumps({"text": t}) + "\n\n" for t in DOCS)
+    path.write_bytes(gzip.compress(text.encode()))
   elif layout == "text":
     for i, t in enumerate(DOCS):
       (tmp_path / f"{i:02d}.txt").write_text(t)
