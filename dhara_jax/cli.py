@@ -7,7 +7,7 @@ import json
 import os
 import sys
 
-from dhara_jax import distributed
+from dhara_jax import compile_cache, distributed
 from dhara_jax.errors import DharaError
 
 
@@ -477,6 +477,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+  compile_cache.enable()  # before any command imports JAX
   args = parse(argv)
   try:
     if hasattr(args, "coordinator"):

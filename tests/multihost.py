@@ -41,7 +41,10 @@ def free_port() -> int:
 
 
 def env_for(devices: int, extra: dict[str, str] | None = None) -> dict[str, str]:
-  env = {k: v for k, v in os.environ.items() if not k.startswith(("DHARA_", "JAX_", "SLURM"))}
+  # No job settings from outside (JAX or SLURM would find a job there); the compilation cache
+  # stays.
+  env = {k: v for k, v in os.environ.items()
+         if not k.startswith(("DHARA_", "JAX_", "SLURM")) or k.startswith("JAX_COMPILATION")}
   env.update(XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
              JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1", TF_CPP_MIN_LOG_LEVEL="1")
   env.update(extra or {})
