@@ -12,10 +12,12 @@ from typing import Any
 from lm_eval.api.model import LM
 
 
-def hflm(export_dir: str | Path, batch_size: int = 16) -> Any:
+def hflm(export_dir: str | Path, batch_size: int = 16, eos_prefix: bool = True) -> Any:
   """HFLM over an exported run (float32 on CPU), with the export's own tokenizer. Documents
   follow EOS in our pipeline, so EOS (not HFLM's default BOS) prefixes an empty context, as
-  in DharaLM."""
+  in DharaLM for dhara's SentencePiece runs; `eos_prefix=False` leaves HFLM its own rule
+  (BOS, else EOS), which DharaLM follows for Hugging Face tokenizers (eval.harness
+  .prefix_token_id)."""
   import torch
   from lm_eval.models.huggingface import HFLM
   from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -26,7 +28,8 @@ def hflm(export_dir: str | Path, batch_size: int = 16) -> Any:
                                                trust_remote_code=True).eval()
   tokenizer = AutoTokenizer.from_pretrained(export_dir, trust_remote_code=True)
   return HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device="cpu",
-              prefix_token_id=tokenizer.eos_token_id, dtype=torch.float32)
+              prefix_token_id=tokenizer.eos_token_id if eos_prefix else None,
+              dtype=torch.float32)
 
 
 class Timed(LM):
