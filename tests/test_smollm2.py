@@ -18,7 +18,7 @@ from dhara_jax.model import forward
 from dhara_jax.sampling import Sampling, generate
 
 LOGIT_TOLERANCE = 1e-4
-EXACT_F32_DOTS = {"xla_cpu_experimental_ynn_fusion_type": ""}  # XLA compiler option
+EIGEN_DOTS = {"xla_cpu_experimental_ynn_fusion_type": ""}  # no dot goes to YNNPACK
 NEW_TOKENS = 24
 pytestmark = pytest.mark.slow  # SmolLM2 is loaded by transformers and by dhara (~2 min)
 
@@ -58,11 +58,11 @@ def test_logits_equal_transformers_dequantized_model_on_a_padded_batch(loaded, s
     tokens[i, :len(row)], valid[i, :len(row)] = row, True
   assert not valid.all()  # the short row is padded
   segments = valid.astype(np.int32)
-  # XLA:CPU's default f32 dots (YNNPACK) sum in an order that leaves SmolLM2's logits up to
-  # ~1.6e-4 from transformers' (torch's own f32 error against float64 is ~8e-5 here); this
-  # comparison is compiled with Eigen's dots, as exact as torch's, to test the model's math.
-  program = jax.jit(functools.partial(forward, cfg)).lower(loaded.params, tokens, segments)
-  ours, _ = program.compile(EXACT_F32_DOTS)(loaded.params, tokens, segments)
+  # XLA:CPU's default f32 dots (YNNPACK) sum in an order that leaves these logits up to
+  # ~1.6e-4 from transformers' (torch's own f32 error against float64 is ~8e-5 here): the
+  # model's math is compared with Eigen's dots, which are as exact as torch's.
+  program = jax.jit(functools.partial(forward, cfg), compiler_options=EIGEN_DOTS)
+  ours, _ = program(loaded.params, tokens, segments)
   theirs = torch_logits(model, tokens.astype(np.int64), valid.astype(np.int64))
   np.testing.assert_allclose(np.asarray(ours)[valid], theirs[valid], atol=LOGIT_TOLERANCE,
                              rtol=0)
