@@ -1,4 +1,4 @@
-"""Data pipeline: sources -> SentencePiece -> packing -> mixture by token share -> global batches.
+"""Data pipeline: sources -> tokenizer -> packing -> mixture by token share -> global batches.
 
 The training loop needs only:
 
@@ -18,7 +18,7 @@ _EXPORTS = {
     "make_eval_iterator": "data_pipeline.iterator",
     "host_dataset": "data_pipeline.iterator",
     "Tokenizer": "data_pipeline.tokenizer", "load_tokenizer": "data_pipeline.tokenizer",
-    "train_tokenizer": "data_pipeline.tokenizer",
+    "train_tokenizer": "data_pipeline.tokenizer_training",
     "check_tokenizer_fits": "data_pipeline.tokenizer",
     "prepare": "data_pipeline.cache", "open_source": "data_pipeline.sources",
 }

@@ -33,7 +33,7 @@ from data_pipeline.tokenizer import Tokenizer
 from dhara_jax.errors import ConfigError, DharaError
 
 VERSION = 1
-ENCODE_DOCS = 64  # documents per batched SentencePiece call
+ENCODE_DOCS = 64  # documents per batched tokenizer call
 
 
 def token_dtype(vocab_size: int) -> np.dtype:

@@ -5,7 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from data_pipeline import cache
-from data_pipeline.tokenizer import check_tokenizer_fits, load_tokenizer, train_tokenizer
+from data_pipeline.tokenizer import check_tokenizer_fits, load_tokenizer
+from data_pipeline.tokenizer_training import train_tokenizer
 from dhara_jax.config import Config
 
 

@@ -55,7 +55,8 @@ class DataConfig:
   # on; `make_eval_iterator` reads only them.
   eval_fraction: float = 0.05
   targets: bool = False  # add next-token `targets` and `target_mask` (packs seq_len + 1)
-  # Tokenizer: the SentencePiece model file the pipeline reads and `dhara tokenizer train` writes.
+  # Tokenizer the pipeline reads (data_pipeline/tokenizer.py): a SentencePiece model, which
+  # `dhara tokenizer train` writes, or a Hugging Face tokenizer.json (or a folder holding either).
   tokenizer: str = "runs/tokenizer/mix_50k.model"
   tokenizer_vocab_size: int = 50304  # Dhara's embedding size
   tokenizer_sample_chars: int = 20_000_000  # training sample drawn from the mix by weight
@@ -176,7 +177,7 @@ def _validate(c: DataConfig) -> None:
     fail("tokenizer_vocab_size", f"must be at least 261 (specials + 256 bytes), got "
          f"{c.tokenizer_vocab_size}")
   if not c.tokenizer:
-    fail("tokenizer", "must name a SentencePiece model file")
+    fail("tokenizer", "must name a tokenizer (a SentencePiece model or a tokenizer.json)")
   if c.host_split not in HOST_SPLITS:
     fail("host_split", f"{c.host_split!r} is not one of {', '.join(HOST_SPLITS)}")
 

@@ -1,197 +1,161 @@
-"""SentencePiece BPE: lossless settings, special tokens, training on a sample of the mix.
+"""The tokenizer: one interface over two backends, wherever dhara tokenizes (the pipeline and
+packing, the token cache, generate, eval, export, the study).
 
-Lossless means `decode(encode(text)) == text` for every string: identity normalisation, no
-whitespace collapsing, no dummy prefix, byte fallback for characters outside the vocabulary.
-Ids 0-4 are `<pad>` `<unk>` `<s>` `</s>` `<mask>` (control symbols: text never encodes to them).
+  - SentencePiece (`sentencepiece_backend.py`): a `.model` file; dhara's own tokenizers
+    (`dhara tokenizer train`), or an imported `tokenizer.model`.
+  - Hugging Face tokenizers (`hf_backend.py`): a `tokenizer.json` with the
+    `tokenizer_config.json` beside it that names its special tokens.
+
+A tokenizer is its files (`files`: name -> bytes), which is what a run carries in its
+checkpoints and run dir; the special ids (pad, unk, bos, eos, mask; None for a role it lacks)
+come from the tokenizer's own definitions, never from a config.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
-import io
 import json
-import os
-import re
-import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Iterator
+from typing import TYPE_CHECKING, Iterable
 
 import numpy as np
-import sentencepiece as spm
 
-from data_pipeline.config import DataConfig, resolve_input
+from data_pipeline.config import resolve_input
 from data_pipeline.files import atomic_write
-from data_pipeline.sources import ReadStats, open_source
+from data_pipeline.hf_backend import CONFIG_FILE, ROLES, HFTokenizersBackend
+from data_pipeline.sentencepiece_backend import SentencePieceBackend
 from dhara_jax.errors import ConfigError, DharaError
 
 if TYPE_CHECKING:
   from dhara_jax.config import ModelConfig
 
-PAD, UNK, BOS, EOS, MASK = 0, 1, 2, 3, 4
-MASK_PIECE = "<mask>"
-SENTENCE_CHARS = 1 << 16  # long documents reach the trainer in pieces cut at line breaks
-_TRAINER_SETTINGS = dict(
-    model_type="bpe", normalization_rule_name="identity", remove_extra_whitespaces=False,
-    add_dummy_prefix=False, byte_fallback=True, split_digits=True,
-    allow_whitespace_only_pieces=True, character_coverage=0.9995,
-    pad_id=PAD, unk_id=UNK, bos_id=BOS, eos_id=EOS, control_symbols=[MASK_PIECE],
-    max_sentence_length=4 * SENTENCE_CHARS, minloglevel=2)
+HF_FILE = "tokenizer.json"  # the names a Hugging Face tokenizer's files take in a run
+SENTENCEPIECE_FILE = "tokenizer.model"  # an HF directory's SentencePiece model
 
 
 class Tokenizer:
-  """A SentencePiece model with the pipeline's special ids; pickles as its serialized model."""
+  """A tokenizer's files and the backend that reads them; pickles as its files."""
 
-  def __init__(self, proto: bytes, path: Path | None = None):
-    self.proto, self.path = proto, path
-    self.sp = spm.SentencePieceProcessor(model_proto=proto)
-    self.sha256 = hashlib.sha256(proto).hexdigest()
-    self.vocab_size = self.sp.vocab_size()
-    self.pad_id, self.bos_id, self.eos_id = self.sp.pad_id(), self.sp.bos_id(), self.sp.eos_id()
-    self.mask_id = self.sp.piece_to_id(MASK_PIECE)
-    if self.sp.is_unknown(self.mask_id) or min(self.pad_id, self.bos_id, self.eos_id) < 0:
-      raise DharaError(f"data.tokenizer: {path} lacks the <pad>/<s>/</s>/<mask> special tokens; "
-                       "train it with `dhara tokenizer train`")
+  def __init__(self, files: dict[str, bytes], path: Path | None = None):
+    """Raises ValueError (HF) or RuntimeError (SentencePiece) for files that are not a
+    tokenizer; `read_tokenizer` turns those into one line."""
+    self.files, self.path = dict(files), path
+    if HF_FILE in files:
+      config = json.loads(files[CONFIG_FILE]) if CONFIG_FILE in files else {}
+      self.backend = HFTokenizersBackend(files[HF_FILE], config)
+    else:
+      (proto,) = files.values()
+      self.backend = SentencePieceBackend(proto)
+    self.kind = self.backend.kind
+    self.sha256 = files_sha256(self.files)
+    self.vocab_size = self.backend.vocab_size
+    ids = self.backend.special_ids()
+    self.pad_id, self.unk_id, self.bos_id, self.eos_id, self.mask_id = (ids.get(r) for r in ROLES)
 
   def __getstate__(self) -> dict:
-    return {"proto": self.proto, "path": self.path}
+    return {"files": self.files, "path": self.path}
 
   def __setstate__(self, state: dict) -> None:
-    self.__init__(state["proto"], state["path"])
+    self.__init__(state["files"], state["path"])
 
-  def encode(self, text: str) -> np.ndarray:
-    return np.asarray(self.sp.encode(text), dtype=np.int32)
+  def encode(self, text: str, add_special_tokens: bool = False) -> np.ndarray:
+    """Token ids of `text`; `add_special_tokens` adds what the tokenizer adds around a text
+    (transformers' default: a BOS for some HF tokenizers; nothing for SentencePiece)."""
+    return np.asarray(self.backend.encode(text, add_special_tokens), dtype=np.int32)
 
   def encode_batch(self, texts: list[str], threads: int = 0) -> list[np.ndarray]:
-    ids = self.sp.encode(texts, num_threads=threads or os.cpu_count() or 1)
-    return [np.asarray(x, dtype=np.int32) for x in ids]
+    return [np.asarray(x, dtype=np.int32) for x in self.backend.encode_batch(texts, threads)]
 
-  def decode(self, ids) -> str:
-    return self.sp.decode([int(i) for i in ids])
+  def decode(self, ids: Iterable[int]) -> str:
+    """The text of `ids`, special tokens dropped."""
+    return self.backend.decode([int(i) for i in ids])
+
+  def token_text(self, token_id: int) -> str:
+    """One token as text, special tokens included (lm-eval's EOS stop string)."""
+    return self.backend.token_text(int(token_id))
+
+  def required_id(self, role: str, why: str) -> int:
+    """The id of special token `role` ("eos", ...), or one line saying the tokenizer lacks it."""
+    token_id = getattr(self, f"{role}_id")
+    if token_id is None:
+      raise DharaError(f"data.tokenizer: {self.path} defines no {role} token, which {why}"
+                       + (f" (tokenizer_config.json's {role}_token)"
+                          if self.kind == HFTokenizersBackend.kind else ""))
+    return token_id
 
   def card(self) -> dict:
-    return {"vocab_size": self.vocab_size, "sha256": self.sha256, "pad_id": self.pad_id,
-            "unk_id": self.sp.unk_id(), "bos_id": self.bos_id, "eos_id": self.eos_id,
-            "mask_id": self.mask_id, "sentencepiece": spm.__version__}
+    return {"backend": self.kind, "vocab_size": self.vocab_size, "sha256": self.sha256,
+            **{f"{role}_id": getattr(self, f"{role}_id") for role in ROLES},
+            **self.backend.version()}
 
   def save_to(self, directory: str | Path) -> Path:
-    """Copies the model (`tokenizer.model`) and its card into a run or checkpoint folder."""
+    """Writes the tokenizer's files into `directory` (a run dir); returns the path
+    `load_tokenizer` reads it back from."""
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    atomic_write(directory / "tokenizer.model", self.proto)
-    atomic_write(directory / "tokenizer.json", json.dumps(self.card(), indent=2) + "\n")
-    return directory / "tokenizer.model"
+    for name, data in self.files.items():
+      atomic_write(directory / name, data)
+    return directory / self.main_file
+
+  @property
+  def main_file(self) -> str:
+    """The file `data.tokenizer` names (the other, tokenizer_config.json, sits beside it)."""
+    return HF_FILE if HF_FILE in self.files else next(iter(self.files))
+
+
+def files_sha256(files: dict[str, bytes]) -> str:
+  """sha256 of a one-file tokenizer's bytes (a SentencePiece model: as dhara has always
+  computed it), else of every file, name and length included, in name order."""
+  if len(files) == 1:
+    return hashlib.sha256(next(iter(files.values()))).hexdigest()
+  digest = hashlib.sha256()
+  for name in sorted(files):
+    digest.update(f"{name}\0{len(files[name])}\0".encode())
+    digest.update(files[name])
+  return digest.hexdigest()
+
+
+def read_tokenizer(files: dict[str, bytes], where: str, path: Path | None = None) -> Tokenizer:
+  """The tokenizer of `files`; files that are not one are one line starting with `where`."""
+  try:
+    return Tokenizer(files, path)
+  except RuntimeError as e:  # sentencepiece
+    raise DharaError(f"{where} is not a SentencePiece model "
+                     f"({str(e).splitlines()[0]})") from None
+  except (ValueError, UnicodeDecodeError) as e:  # tokenizers, json (a ValueError too)
+    raise DharaError(f"{where} is not a Hugging Face tokenizer.json with a readable "
+                     f"{CONFIG_FILE} ({e})") from None
+
+
+def tokenizer_files(path: Path) -> dict[str, bytes]:
+  """The files of the tokenizer at `path`: a `.json` is a Hugging Face tokenizer (with the
+  tokenizer_config.json beside it, if any); a folder, its tokenizer.json or else its
+  tokenizer.model; any other file, a SentencePiece model."""
+  if path.is_dir():
+    found = [path / name for name in (HF_FILE, SENTENCEPIECE_FILE) if (path / name).is_file()]
+    if not found:
+      raise DharaError(f"data.tokenizer: {path} holds no {HF_FILE} or {SENTENCEPIECE_FILE}")
+    path = found[0]
+  if path.suffix != ".json":
+    return {path.name: path.read_bytes()}
+  files = {HF_FILE: path.read_bytes()}
+  if (path.parent / CONFIG_FILE).is_file():
+    files[CONFIG_FILE] = (path.parent / CONFIG_FILE).read_bytes()
+  return files
 
 
 def load_tokenizer(path: str | Path) -> Tokenizer:
   """The tokenizer at `path` (as written in `data.tokenizer`: cwd first, then the repo)."""
   resolved = resolve_input(str(path))
-  if not resolved.is_file():
+  if not resolved.exists():
     raise DharaError(f"data.tokenizer: no tokenizer at {path}; train one with "
                      "`dhara tokenizer train --config <your config>`")
-  proto = resolved.read_bytes()
-  try:
-    return Tokenizer(proto, resolved)
-  except RuntimeError as e:
-    raise DharaError(f"data.tokenizer: {resolved} is not a SentencePiece model "
-                     f"({str(e).splitlines()[0]})") from None
+  files = tokenizer_files(resolved)
+  return read_tokenizer(files, f"data.tokenizer: {resolved}", resolved)
 
 
-def check_tokenizer_fits(tokenizer: Tokenizer, model_cfg: ModelConfig) -> None:
+def check_tokenizer_fits(tokenizer: Tokenizer, model_cfg: ModelConfig,
+                         where: str = "data.tokenizer") -> None:
   """Every token id must have a row in the model's embedding (`model.vocab_size`)."""
   if tokenizer.vocab_size > model_cfg.vocab_size:
-    raise ConfigError(f"data.tokenizer: {tokenizer.path} has {tokenizer.vocab_size} tokens, more "
+    raise ConfigError(f"{where}: {tokenizer.path} has {tokenizer.vocab_size} tokens, more "
                       f"than model.vocab_size={model_cfg.vocab_size} (the embedding rows)")
-
-
-@dataclasses.dataclass
-class SampleReport:
-  per_source: dict[str, ReadStats]
-  budget_chars: dict[str, int]
-  limited_by: str | None = None  # the source too small for a full-size sample at its weight
-
-
-def draw_sample(cfg: DataConfig) -> tuple[list[str], SampleReport]:
-  """Documents drawn from every weighted source in proportion to its weight.
-
-  The total is `tokenizer_sample_chars`, or less when a source is too small for its share, so
-  the sample keeps the mix's proportions. Each source is read sequentially (units in a seeded
-  order), taking each document with the probability that spreads the budget over the source.
-  """
-  sources = {i: open_source(cfg, i) for i, s in enumerate(cfg.sources) if s.weight > 0}
-  weights = cfg.weights
-  sizes = {i: max(1, src.approx_chars()) for i, src in sources.items()}
-  limits = {cfg.sources[i].name: sizes[i] / weights[cfg.sources[i].name] for i in sources}
-  total = min(cfg.tokenizer_sample_chars, *limits.values())
-  texts, report = [], SampleReport({}, {})
-  if total < cfg.tokenizer_sample_chars:
-    report.limited_by = min(limits, key=limits.get)
-  for i, src in sources.items():
-    name = cfg.sources[i].name
-    budget = int(total * weights[name])
-    rng = np.random.default_rng([cfg.seed, i])
-    rate = min(1.0, budget / sizes[i])
-    stats, used = ReadStats(), 0
-    documents = (doc for k in rng.permutation(len(src.units)) for doc in src.read_unit(int(k)))
-    for text, replaced in documents:
-      if used >= budget:
-        break
-      if text and rng.random() < rate:
-        stats.count(text, replaced)
-        texts.append(text)
-        used += len(text)
-    report.per_source[name], report.budget_chars[name] = stats, budget
-  return texts, report
-
-
-def _sentences(texts: list[str]) -> Iterator[str]:
-  for text in texts:
-    while len(text) > SENTENCE_CHARS:
-      cut = text.rfind("\n", 0, SENTENCE_CHARS) + 1 or SENTENCE_CHARS
-      yield text[:cut]
-      text = text[cut:]
-    if text:
-      yield text
-
-
-def train_tokenizer(cfg: DataConfig, model_cfg: ModelConfig | None = None,
-                    log: Callable[[str], None] = print) -> Tokenizer:
-  """`dhara tokenizer train`: trains on a sample of the mix and writes `data.tokenizer`."""
-  if model_cfg is not None and cfg.tokenizer_vocab_size > model_cfg.vocab_size:
-    raise ConfigError(f"data.tokenizer_vocab_size: {cfg.tokenizer_vocab_size} is larger than "
-                      f"model.vocab_size={model_cfg.vocab_size} (the embedding rows)")
-  started = time.perf_counter()
-  texts, report = draw_sample(cfg)
-  for name, stats in report.per_source.items():
-    log(f"sample {name:12s} {stats.docs:7,d} docs {stats.chars:13,d} chars "
-        f"(budget {report.budget_chars[name]:,}; invalid UTF-8 replaced in {stats.invalid_utf8})")
-  if report.limited_by:
-    log(f"sample: source {report.limited_by} is too small for a "
-        f"{cfg.tokenizer_sample_chars:,}-char sample at its weight; the sample keeps the mix")
-  if not texts:
-    raise DharaError("data.sources: the weighted sources hold no text to train a tokenizer on")
-  model = io.BytesIO()
-  try:
-    spm.SentencePieceTrainer.train(sentence_iterator=_sentences(texts), model_writer=model,
-                                   vocab_size=cfg.tokenizer_vocab_size,
-                                   num_threads=os.cpu_count() or 1, **_TRAINER_SETTINGS)
-  except RuntimeError as e:
-    most = re.search(r"value <= (\d+)", str(e))
-    if most:
-      raise ConfigError(f"data.tokenizer_vocab_size: {cfg.tokenizer_vocab_size} is more than "
-                        f"the sample supports (at most {most.group(1)} on "
-                        f"{sum(len(t) for t in texts):,} chars); lower it or sample more text "
-                        "(data.tokenizer_sample_chars, larger sources)") from None
-    raise DharaError(f"tokenizer: SentencePiece failed ({str(e).splitlines()[0]})") from None
-  out = Path(cfg.tokenizer).expanduser()
-  try:
-    atomic_write(out, model.getvalue())
-  except OSError as e:
-    raise DharaError(f"data.tokenizer: cannot write {out} ({e.strerror or e})") from None
-  tok = Tokenizer(model.getvalue(), out)
-  card = {**tok.card(), "sample": {n: dataclasses.asdict(s) for n, s in report.per_source.items()},
-          "weights": cfg.weights, "seed": cfg.seed, "trainer": _TRAINER_SETTINGS}
-  atomic_write(out.with_suffix(".json"), json.dumps(card, indent=2) + "\n")
-  log(f"tokenizer: {out} ({tok.vocab_size:,} tokens, sha256 {tok.sha256[:12]}, "
-      f"{time.perf_counter() - started:.1f}s)")
-  return tok

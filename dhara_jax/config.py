@@ -293,24 +293,37 @@ class Config:
       raise ConfigError(f"train.objective: {self.train.objective} needs model.attention="
                         f"{wanted}, got {self.model.attention}")
 
-  def with_mask_token(self, reserved: tuple[int, ...]) -> "Config":
+  def with_mask_token(self, tokenizer: Any = None) -> "Config":
     """This config with the diffusion mask token resolved: `model.mask_token_id`, or the
-    tokenizer's <mask> when it is -1. `reserved` are the ids the tokenizer keeps for it: its
-    <mask>, then its EOS (Dhara-70M deliberately reuses GPT-2's end-of-text); any other id
-    would mask with an ordinary token. () when no tokenizer is known."""
-    if self.train.objective == "ar" or self.model.mask_token_id in reserved:
+    tokenizer's mask token when it is -1. `tokenizer` (a data_pipeline Tokenizer; None when
+    none is known) keeps two ids a mask may be: its mask token, and its EOS (Dhara's own
+    choice: Dhara-70M reuses GPT-2's end-of-text); any other id would mask with an ordinary
+    token. A tokenizer without a mask token needs the EOS id set explicitly."""
+    wanted = self.model.mask_token_id
+    if self.train.objective == "ar":
       return self
-    if self.model.mask_token_id == -1:
-      if not reserved:
+    if tokenizer is None:
+      if wanted == -1:
         raise ConfigError("model.mask_token_id: -1 means the tokenizer's <mask>, but there is "
                           "no tokenizer; set the id")
-      return dataclasses.replace(self, model=dataclasses.replace(
-          self.model, mask_token_id=reserved[0]))
-    if reserved:
-      raise ConfigError(f"model.mask_token_id: {self.model.mask_token_id} is an ordinary token "
-                        f"of the tokenizer; use its <mask> ({reserved[0]}), its EOS "
-                        f"({reserved[1]}), or -1")
-    return self
+      return self
+    mask, eos = tokenizer.mask_id, tokenizer.eos_id
+    if wanted != -1 and wanted in (mask, eos):
+      return self
+    if wanted == -1 and mask is not None:
+      return dataclasses.replace(self, model=dataclasses.replace(self.model, mask_token_id=mask))
+    if mask is None and eos is None:
+      raise ConfigError(f"model.mask_token_id: {tokenizer.path} has neither a mask token nor an "
+                        "EOS, so no id of it can mask a diffusion model's input; use a "
+                        "tokenizer that defines one")
+    if wanted == -1:
+      raise ConfigError(f"model.mask_token_id: -1 means the tokenizer's mask token, but "
+                        f"{tokenizer.path} has none; set model.mask_token_id={eos} (its EOS, "
+                        "Dhara's own choice for a mask)")
+    usable = ", ".join(f"its {name} ({i})" for name, i in (("<mask>", mask), ("EOS", eos))
+                       if i is not None)
+    raise ConfigError(f"model.mask_token_id: {wanted} is an ordinary token of the tokenizer; "
+                      f"use {usable}" + (", or -1" if mask is not None else ""))
 
   def check_rows_fit_model(self) -> None:
     """Refuses data rows longer than the model's positions: past them, learned positions are

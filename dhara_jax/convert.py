@@ -19,6 +19,7 @@ from typing import Any
 import jax
 
 from data_pipeline.config import resolve_input
+from data_pipeline.tokenizer import load_tokenizer
 from dhara_jax import config as config_lib
 from dhara_jax.config import Config
 from dhara_jax.errors import ConfigError, DharaError
@@ -102,7 +103,7 @@ def convert(ar_run: Path, spec: str | Path, overrides: list[str], run_dir: Path,
             progress: bool = True) -> dict:
   """Runs (or resumes) the conversion of `ar_run` into `run_dir`; returns loop.run's summary."""
   from dhara_jax.loop import run
-  from dhara_jax.runs import load_run_config, restore_params, saved_steps, saved_tokenizer
+  from dhara_jax.runs import load_run_config, restore_params, run_tokenizer, saved_steps
 
   ar_run, run_dir = Path(ar_run), Path(run_dir)
   ar_cfg = load_run_config(ar_run)
@@ -133,11 +134,12 @@ def convert(ar_run: Path, spec: str | Path, overrides: list[str], run_dir: Path,
                      f"{ar_run}, not {ar_step}; use a new --run-dir")
   cfg = with_budget(load_conversion_config(ar_cfg, spec, overrides), ar_cfg, ar_step)
   conversion_plan(cfg)  # refuses a bad ladder before anything is written
-  tokenizer = saved_tokenizer(ar_run, ar_step)
+  tokenizer = run_tokenizer(ar_run, ar_step, cfg)
   path = resolve_input(cfg.data.tokenizer)
-  if tokenizer is not None and path.is_file() and path.read_bytes() != tokenizer:
+  if path.exists() and load_tokenizer(path).sha256 != tokenizer.sha256:
     raise DharaError(f"convert: data.tokenizer {path} is not the tokenizer {ar_run} was "
                      f"trained with; use its copy in {ar_run}")
+  cfg.with_mask_token(tokenizer)  # no usable mask id: refused before anything is written
 
   def ar_params(run_cfg: Config, mesh: Any) -> Any:
     return restore_params(ar_run, ar_step, mesh)[1]  # the AR and diffusion shardings agree

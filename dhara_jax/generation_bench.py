@@ -72,7 +72,6 @@ class LoadedRun:
 
 def load_run(run_dir: str | Path, step: int | None = None) -> LoadedRun:
   """Config, parameters of checkpoint `step` (default: latest), tokenizer and trained phase."""
-  from data_pipeline import check_tokenizer_fits
   from dhara_jax import runs
   from dhara_jax.sampling import trained_phase
 
@@ -85,24 +84,8 @@ def load_run(run_dir: str | Path, step: int | None = None) -> LoadedRun:
     raise DharaError(f"run: {run_dir} has no checkpoint of step {step} (it has "
                      f"{', '.join(map(str, steps))})")
   cfg, params, step = runs.restore_params(run_dir, step)
-  tokenizer = run_tokenizer(run_dir, step, cfg)
-  check_tokenizer_fits(tokenizer, cfg.model)
+  tokenizer = runs.run_tokenizer(run_dir, step, cfg)
   return LoadedRun(run_dir, cfg, params, step, tokenizer, trained_phase(run_dir))
-
-
-def run_tokenizer(run_dir: Path, step: int, cfg: Config) -> Any:
-  """The tokenizer saved with the checkpoint, else (an imported run) the config's
-  data.tokenizer."""
-  from data_pipeline import load_tokenizer
-  from dhara_jax import runs
-
-  saved = runs.saved_tokenizer(run_dir, step)
-  if saved is None:
-    return load_tokenizer(cfg.data.tokenizer)
-  with tempfile.TemporaryDirectory() as tmp:
-    path = Path(tmp) / "tokenizer.model"
-    path.write_bytes(saved)
-    return load_tokenizer(path)
 
 
 # --- dhara generate ---------------------------------------------------------------------------
@@ -150,7 +133,8 @@ def generate_from_run(run_dir: str | Path, texts: Sequence[str], sampling: Any,
 
   check_sampling(sampling)  # before the checkpoint is read
   run = load_run(run_dir, step)
-  prompts = [run.tokenizer.encode(t).tolist() for t in texts]
+  # What transformers' tokenizer(prompt) gives: a BOS where the tokenizer adds one.
+  prompts = [run.tokenizer.encode(t, add_special_tokens=True).tolist() for t in texts]
 
   def call():
     return generate(run.cfg.model, run.params, prompts, sampling, phase=run.phase,
@@ -429,7 +413,7 @@ def run_bench(run_dir: str | Path, ar_run: str | Path | None = None,
   if ar.phase.diffusion:
     raise DharaError(f"bench: {ar_dir} is not an AR run (it was trained with "
                      f"{ar.phase.objective})")
-  if ar.tokenizer.proto != diffusion.tokenizer.proto:
+  if ar.tokenizer.sha256 != diffusion.tokenizer.sha256:
     raise DharaError(f"bench: {run_dir} and {ar_dir} use different tokenizers")
   context = min(diffusion.cfg.model.max_seq_len, ar.cfg.model.max_seq_len)
   if prompt_tokens >= context:

@@ -13,7 +13,6 @@ import fcntl
 import functools
 import math
 import os
-import shutil
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -22,6 +21,7 @@ import jax
 import yaml
 from jax.sharding import Mesh
 
+from data_pipeline.tokenizer import files_sha256
 from dhara_jax import config as config_lib
 from dhara_jax import distributed
 from dhara_jax.checkpoint import (Checkpointer, checkpoint_directory, ensure_writable,
@@ -96,25 +96,25 @@ class Data:
 
   train: Any  # iterator of batch dicts with get_state / set_state (grain DatasetIterator)
   eval_batches: Callable[[], Iterator[dict]] | None  # a fresh held-out iterator per evaluation
-  tokenizer_path: Path | None
-  mask_ids: tuple[int, ...] = ()  # ids the tokenizer keeps for a mask (Config.with_mask_token)
+  tokenizer: Any = None  # data_pipeline.Tokenizer: saved with every checkpoint, in the run dir
 
 
 MODEL_INPUTS = ("tokens", "segment_ids", "positions")
 
 
 def pipeline_data(cfg: Config, mesh: Mesh) -> Data:
-  """The configured data pipeline: train batches, held-out batches, the tokenizer file."""
+  """The configured data pipeline: train batches, held-out batches, the tokenizer."""
   from data_pipeline import (check_tokenizer_fits, load_tokenizer, make_eval_iterator,
                              make_train_iterator)
 
   tokenizer = load_tokenizer(cfg.data.tokenizer)
   check_tokenizer_fits(tokenizer, cfg.model)
+  tokenizer.required_id("eos", "separates documents in packed rows")
   train = make_train_iterator(cfg.data, mesh, tokenizer=tokenizer)
   held_out = None
   if cfg.data.eval_fraction > 0:
     held_out = lambda: make_eval_iterator(cfg.data, mesh, tokenizer=tokenizer)
-  return Data(train, held_out, tokenizer.path, (tokenizer.mask_id, tokenizer.eos_id))
+  return Data(train, held_out, tokenizer)
 
 
 def model_inputs(batch: dict) -> dict:
@@ -149,7 +149,7 @@ def run(cfg: Config, run_dir: Path, data: Callable[[Config, Mesh], Data] = pipel
   with _removed_if_left_empty(new_dirs):  # a start that fails (data, mesh) leaves no trace
     mesh = make_mesh(cfg.mesh)
     data = data(cfg, mesh)
-    cfg = cfg.with_mask_token(data.mask_ids)
+    cfg = cfg.with_mask_token(data.tokenizer)
     tx, shardings = build(cfg, mesh)
     # A new run's starting weights are read before the run dir gets its lock or the plan its
     # record: a source checkpoint that fails to read (a conversion's AR run) leaves no trace.
@@ -170,11 +170,11 @@ def run(cfg: Config, run_dir: Path, data: Callable[[Config, Mesh], Data] = pipel
       if problems:
         raise DharaError(f"train: {run_dir} holds a checkpoint of another architecture "
                          f"({problems[0]}); use a new --run-dir")
-      saved_tokenizer = checkpoints.restore_tokenizer(latest)
-      if (saved_tokenizer is not None and data.tokenizer_path is not None
-          and saved_tokenizer != data.tokenizer_path.read_bytes()):
+      saved_files = checkpoints.restore_tokenizer(latest)
+      if (saved_files is not None and data.tokenizer is not None
+          and files_sha256(saved_files) != data.tokenizer.sha256):
         raise DharaError(f"train: {run_dir} was trained with another tokenizer than "
-                         f"{data.tokenizer_path} (its checkpoint holds the one it used); use a "
+                         f"{data.tokenizer.path} (its checkpoint holds the one it used); use a "
                          f"new --run-dir, or set data.tokenizer to the run's copy in {run_dir}")
       state = checkpoints.restore(latest, abstract_state(cfg, tx, shardings), data.train)
     else:
@@ -186,8 +186,8 @@ def run(cfg: Config, run_dir: Path, data: Callable[[Config, Mesh], Data] = pipel
             state["params"])
       if jax.process_index() == 0:  # one writer on a shared run dir
         (run_dir / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
-        if data.tokenizer_path is not None:
-          shutil.copyfile(data.tokenizer_path, run_dir / data.tokenizer_path.name)
+        if data.tokenizer is not None:
+          data.tokenizer.save_to(run_dir)
     metrics = MetricsWriter(run_dir, resume_step=latest)
     cleanup.callback(metrics.close)
     signals = cleanup.enter_context(StopSignals(several=jax.process_count() > 1))
@@ -318,7 +318,7 @@ def _loop(cfg: Config, mesh: Mesh, tx: Any, shardings: Any, state: Any, data: Da
       stopping = signals.requested(step)
       if ((cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0)
           or step == last or stopping or score is not None):
-        checkpoints.save(step, state, data.train, resolved, data.tokenizer_path, score)
+        checkpoints.save(step, state, data.train, resolved, data.tokenizer, score)
         last_good = step
       bar(step, loss)
       if stopping and step < last:
@@ -328,7 +328,7 @@ def _loop(cfg: Config, mesh: Mesh, tx: Any, shardings: Any, state: Any, data: Da
     if row is not None:  # the step trained; only its evaluation failed
       metrics.write(row)
     if done > (last_good or 0) and jax.process_count() == 1:  # hosts cannot agree to save
-      checkpoints.save(done, state, position, resolved, data.tokenizer_path)
+      checkpoints.save(done, state, position, resolved, data.tokenizer)
       last_good = done
     # A signal met while waiting for data reads as one met during a step.
     why = f"train: stopped by {stop.signal}" if stop.signal else f"{stop}; stopped"

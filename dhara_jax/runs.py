@@ -10,18 +10,18 @@ from typing import Any, Iterator
 
 import jax
 import numpy as np
-import sentencepiece as spm
 import yaml
 from jax.sharding import Mesh
 
-from data_pipeline.config import resolve_input
+from data_pipeline.tokenizer import Tokenizer, check_tokenizer_fits, load_tokenizer, read_tokenizer
 from dhara_jax import config as config_lib
 from dhara_jax.checkpoint import Checkpointer
 from dhara_jax.config import Config, DataConfig, MeshConfig
 from dhara_jax.errors import DharaError
 from dhara_jax.export import export_hf, import_hf
 from dhara_jax.export.card import read_summary, write_model_card
-from dhara_jax.export.tokenizer import write_token_ids, write_tokenizer
+from dhara_jax.export.gguf import transformers_dir
+from dhara_jax.export.tokenizer import import_tokenizer, write_token_ids, write_tokenizer
 from dhara_jax.loop import prepare_run_dir
 from dhara_jax.sharding import make_mesh
 from dhara_jax.train import abstract_state, build, fresh_state
@@ -56,10 +56,24 @@ def saved_steps(run_dir: Path) -> list[int]:
     return sorted(checkpoints.manager.all_steps())
 
 
-def saved_tokenizer(run_dir: Path, step: int) -> bytes | None:
-  """The tokenizer model saved with checkpoint `step` (None for an imported run)."""
+def saved_tokenizer(run_dir: Path, step: int) -> Tokenizer | None:
+  """The tokenizer saved with checkpoint `step` (None for a run that had none)."""
   with read_checkpoints(run_dir) as (_, checkpoints):
-    return checkpoints.restore_tokenizer(step)
+    files = checkpoints.restore_tokenizer(step)
+    where = Path(checkpoints.directory) / str(step) / "tokenizer"
+  if files is None:
+    return None
+  return read_tokenizer(files, f"checkpoint: {where}", where)
+
+
+def run_tokenizer(run_dir: Path, step: int, cfg: Config) -> Tokenizer:
+  """The tokenizer saved with checkpoint `step`, else (a run that saved none) the config's
+  data.tokenizer; one line if neither exists or it has ids the model's embedding lacks."""
+  tokenizer = saved_tokenizer(run_dir, step)
+  if tokenizer is None:
+    tokenizer = load_tokenizer(cfg.data.tokenizer)
+  check_tokenizer_fits(tokenizer, cfg.model)
+  return tokenizer
 
 
 def job_mesh() -> Mesh:
@@ -91,7 +105,7 @@ def export_run(run_dir: Path, out: Path, step: int | None = None, code: str = "a
   summary_path = run_dir / "eval" / "summary.json"
   summary = read_summary(summary_path)  # a damaged one fails before anything is written
   cfg, params, step = restore_params(run_dir, step)
-  proto = _export_tokenizer(run_dir, step, cfg)
+  tokenizer = _export_tokenizer(run_dir, step, cfg)
   # Every process reads the checkpoint (orbax's reads are collective) and holds all of the
   # replicated parameters; process 0 alone writes, from the host copy (an op on the global
   # arrays would wait for the others).
@@ -99,9 +113,9 @@ def export_run(run_dir: Path, out: Path, step: int | None = None, code: str = "a
   if jax.process_index() != 0:
     return Path(out)
   out = export_hf(cfg.model, params, out, code)
-  if proto is not None:
-    write_tokenizer(proto, out, cfg.model.max_seq_len)
-    write_token_ids(out, proto)
+  if tokenizer is not None:
+    write_tokenizer(tokenizer, out, cfg.model.max_seq_len)
+    write_token_ids(out, tokenizer)
   if summary is not None and summary.get("step") not in (None, step):
     log.warning("export: %s is of step %s, the export of step %d", summary_path,
                 summary["step"], step)
@@ -111,38 +125,29 @@ def export_run(run_dir: Path, out: Path, step: int | None = None, code: str = "a
   return out
 
 
-def _export_tokenizer(run_dir: Path, step: int, cfg: Config) -> bytes | None:
-  """The tokenizer saved with checkpoint `step`, else (an imported run) the config's
-  data.tokenizer when that file exists and fits the model; None (logged) otherwise."""
-  proto = saved_tokenizer(run_dir, step)
-  source = f"the tokenizer saved with step {step}"
-  if proto is None:
-    path = resolve_input(cfg.data.tokenizer)
-    if not path.is_file():
-      log.warning("export: no tokenizer written (step %d saved none and data.tokenizer %s "
-                  "does not exist)", step, cfg.data.tokenizer)
-      return None
-    proto, source = path.read_bytes(), f"data.tokenizer {path}"
-  pieces = spm.SentencePieceProcessor()
+def _export_tokenizer(run_dir: Path, step: int, cfg: Config) -> Tokenizer | None:
+  """`run_tokenizer`, or None (logged) when the run has no usable one."""
   try:
-    pieces.LoadFromSerializedProto(proto)
-  except RuntimeError:
-    log.warning("export: no tokenizer written (%s is not a SentencePiece model)", source)
+    return run_tokenizer(run_dir, step, cfg)
+  except DharaError as e:
+    log.warning("export: no tokenizer written (%s)", e)
     return None
-  if pieces.vocab_size() > cfg.model.vocab_size:  # ids the embedding has no row for
-    log.warning("export: no tokenizer written (%s has %d tokens, model.vocab_size is %d)",
-                source, pieces.vocab_size(), cfg.model.vocab_size)
-    return None
-  return proto
 
 
-def import_into_run(hf_dir: Path, run_dir: Path, base: Config | None = None) -> Path:
-  """A new run whose step-0 checkpoint holds the imported weights (fresh optimizer state);
-  `dhara train RUN_DIR/config.yaml --run-dir RUN_DIR` continues from it."""
-  model, params = import_hf(hf_dir)
+def import_into_run(source: Path, run_dir: Path, base: Config | None = None) -> Path:
+  """A new run whose step-0 checkpoint holds the imported weights (fresh optimizer state) and
+  the source's tokenizer (also copied into the run dir, which data.tokenizer then names);
+  `source` is a transformers directory or a GGUF file. `dhara train RUN_DIR/config.yaml
+  --run-dir RUN_DIR` continues from it."""
+  with transformers_dir(source) as hf_dir:
+    model, params = import_hf(hf_dir)
+    tokenizer = import_tokenizer(hf_dir, model)
   if base is None:  # default data settings, rows at most the imported model's context
     base = Config(data=DataConfig(seq_len=min(DataConfig().seq_len, model.max_seq_len)))
   cfg = dataclasses.replace(base, model=model, mesh=SINGLE_DEVICE)
+  if tokenizer is not None:  # the run's own copy, whatever the base config named
+    copy = Path(run_dir).resolve() / tokenizer.main_file
+    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, tokenizer=str(copy)))
   cfg.check_rows_fit_model()  # before anything is written: `dhara train` would refuse it
   run_dir = prepare_run_dir(run_dir)
   checkpoints = Checkpointer(run_dir, keep=cfg.train.keep_checkpoints, async_save=False,
@@ -156,7 +161,9 @@ def import_into_run(hf_dir: Path, run_dir: Path, base: Config | None = None) -> 
   state["opt_state"] = jax.device_put(tx.init(state["params"]), shardings["opt_state"])
   resolved = config_lib.to_dict(cfg)
   (run_dir / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
-  checkpoints.save(0, state, None, resolved)
+  if tokenizer is not None:
+    tokenizer.save_to(run_dir)
+  checkpoints.save(0, state, None, resolved, tokenizer)
   checkpoints.wait()
   checkpoints.close()
   return run_dir

@@ -54,7 +54,8 @@ class DharaLM(TemplateLM):
     self.cfg, self.tokenizer_ = run.cfg.model, run.tokenizer
     self.phase: Phase = run.phase
     self._bar: tqdm | None = None
-    common = dict(batch_tokens=options.batch_tokens, pad_id=max(run.tokenizer.pad_id, 0),
+    pad_id = run.tokenizer.pad_id
+    common = dict(batch_tokens=options.batch_tokens, pad_id=0 if pad_id is None else pad_id,
                   progress=self._advance)
     if self.phase.diffusion:
       self.scorer = ELBOScorer(self.cfg, run.params, self.phase, mc_samples=options.mc_samples,
@@ -77,9 +78,7 @@ class DharaLM(TemplateLM):
 
   @property
   def prefix_token_id(self) -> int:
-    # What precedes a document in training: the pipeline separates documents with EOS and
-    # never writes BOS (HFLM defaults to BOS; give it prefix_token_id=EOS to compare).
-    return self.tokenizer_.eos_id
+    return prefix_token_id(self.tokenizer_)
 
   @property
   def max_length(self) -> int:
@@ -87,7 +86,11 @@ class DharaLM(TemplateLM):
 
   def tok_encode(self, string: str, add_special_tokens: bool | None = None,
                  **kwargs: Any) -> list[int]:
-    return self.tokenizer_.encode(string).tolist()
+    # HFLM's rule: the tokenizer's own special tokens (its post-processor's BOS, if any),
+    # unless the text already starts with the prefix token. SentencePiece adds none.
+    if add_special_tokens is None:
+      add_special_tokens = not string.startswith(self.tokenizer_.token_text(self.prefix_token_id))
+    return self.tokenizer_.encode(string, add_special_tokens).tolist()
 
   def tok_decode(self, tokens: Sequence[int]) -> str:
     return self.tokenizer_.decode(tokens)
@@ -138,7 +141,7 @@ class DharaLM(TemplateLM):
     from lm_eval.models.utils import (handle_stop_sequences, normalize_gen_kwargs,
                                       postprocess_generated_text)
 
-    eos = self.tokenizer_.sp.id_to_piece(self.eot_token_id)
+    eos = self.tokenizer_.token_text(self.eot_token_id)
     out: list[str | None] = [None] * len(requests)
     groups: dict[str, list[int]] = {}
     for i, req in enumerate(requests):
@@ -186,6 +189,15 @@ class DharaLM(TemplateLM):
     result = generate(self.cfg, self.run.params, padded, sampling, phase=self.phase,
                       eos_id=self.eot_token_id)
     return [self.tok_decode(tokens) for tokens in result.tokens[:len(prompts)]]
+
+
+def prefix_token_id(tokenizer: Any) -> int:
+  """What precedes a text with no context. dhara's SentencePiece runs: EOS, which separates
+  documents in training (the pipeline never writes BOS; HFLM defaults to BOS, so the peer is
+  given prefix_token_id=EOS). Hugging Face tokenizers: HFLM's own rule, BOS, else EOS."""
+  if tokenizer.kind == "sentencepiece" or tokenizer.bos_id is None:
+    return tokenizer.eos_id
+  return tokenizer.bos_id
 
 
 def check_options(phase: Phase, diffusion_options: Sequence[str]) -> None:

@@ -12,21 +12,27 @@ from typing import Any
 from lm_eval.api.model import LM
 
 
-def hflm(export_dir: str | Path, batch_size: int = 16) -> Any:
-  """HFLM over an exported run (float32 on CPU), with the export's own tokenizer. Documents
+def hflm(export_dir: str | Path, batch_size: int = 16, eos_prefix: bool = True,
+         dtype: str = "float32") -> Any:
+  """HFLM over an exported run (on CPU, float32), with the export's own tokenizer. Documents
   follow EOS in our pipeline, so EOS (not HFLM's default BOS) prefixes an empty context, as
-  in DharaLM."""
+  in DharaLM for dhara's SentencePiece runs; `eos_prefix=False` leaves HFLM its own rule
+  (BOS, else EOS), which DharaLM follows for Hugging Face tokenizers (eval.harness
+  .prefix_token_id). `dtype="float64"`: a peer whose own rounding is negligible (HFLM's float32
+  log-softmax over a 49k-token vocabulary moves a long continuation's score by ~1e-3)."""
   import torch
   from lm_eval.models.huggingface import HFLM
   from transformers import AutoModelForCausalLM, AutoTokenizer
 
   # trust_remote_code: our own export's code (Canon models; the DharaTokenizer, which decodes
   # exactly where the stock backend strips spaces, and generate_until's text depends on it).
-  model = AutoModelForCausalLM.from_pretrained(export_dir, dtype=torch.float32,
+  torch_dtype = getattr(torch, dtype)
+  model = AutoModelForCausalLM.from_pretrained(export_dir, dtype=torch_dtype,
                                                trust_remote_code=True).eval()
   tokenizer = AutoTokenizer.from_pretrained(export_dir, trust_remote_code=True)
   return HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device="cpu",
-              prefix_token_id=tokenizer.eos_token_id, dtype=torch.float32)
+              prefix_token_id=tokenizer.eos_token_id if eos_prefix else None,
+              dtype=torch_dtype)
 
 
 class Timed(LM):

@@ -26,3 +26,47 @@ def interpret_pallas(monkeypatch):
   monkeypatch.setenv(INTERPRET_ENV_VAR, "1")
   yield
   jax.effects_barrier()
+
+
+# --- real models (tests/real.py): built once per session, shared by the modules that use them.
+
+
+@pytest.fixture(scope="session")
+def hf_tokenizer_dir(tmp_path_factory):
+  """A 1,024-token byte-level BPE (tokenizer.json + tokenizer_config.json: EOS and pad, no BOS,
+  no mask) trained on the shipped sample with the `tokenizers` library."""
+  from real import train_hf_tokenizer
+
+  out = tmp_path_factory.mktemp("hf_tokenizer")
+  train_hf_tokenizer(out)
+  return out
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf():
+  from dhara_jax.export.gguf import smollm2_gguf as packaged
+
+  return packaged()
+
+
+@pytest.fixture(scope="session")
+def smollm2_peer(smollm2_gguf):
+  """transformers' own de-quantized SmolLM2 (float32) and tokenizer, from the same GGUF file."""
+  import torch
+  from transformers import AutoModelForCausalLM, AutoTokenizer
+
+  where = dict(gguf_file=smollm2_gguf.name, local_files_only=True)
+  model = AutoModelForCausalLM.from_pretrained(smollm2_gguf.parent, dtype=torch.float32, **where)
+  return model.eval(), AutoTokenizer.from_pretrained(smollm2_gguf.parent, **where)
+
+
+@pytest.fixture(scope="session")
+def smollm2_run(tmp_path_factory):
+  """SmolLM2 imported the documented way, `dhara import --smollm2`, with the shipped mix's data
+  section (tiny rows: a CPU training step of a 135M model)."""
+  from dhara_jax import cli
+
+  run_dir = tmp_path_factory.mktemp("smollm2") / "run"
+  assert cli.main(["import", "--smollm2", "--run-dir", str(run_dir), "--config", "data/mix",
+                   "data.seq_len=16", "data.batch_size=1", "data.read_threads=1"]) == 0
+  return run_dir

@@ -1,6 +1,7 @@
 """Masked-diffusion objectives: the masks, the mdm ELBO, block diffusion's limits, training."""
 
 import dataclasses
+import types
 
 import jax
 import jax.numpy as jnp
@@ -92,17 +93,35 @@ def test_mdm_is_bidirectional_and_ar_is_causal():
     tiny_run("train.objective=ar").check_objective_fits_model()
 
 
+def _ids(mask, eos):
+  """What Config.with_mask_token reads of a tokenizer."""
+  return types.SimpleNamespace(mask_id=mask, eos_id=eos, path="runs/x/tokenizer.json")
+
+
 def test_mask_token_resolves_to_the_tokenizers_and_refuses_ordinary_tokens():
   cfg = tiny_run()
   assert cfg.model.mask_token_id == -1
-  assert cfg.with_mask_token((4, 3)).model.mask_token_id == 4
-  assert tiny_run("model.mask_token_id=3").with_mask_token((4, 3)).model.mask_token_id == 3
+  assert cfg.with_mask_token(_ids(4, 3)).model.mask_token_id == 4
+  assert tiny_run("model.mask_token_id=3").with_mask_token(_ids(4, 3)).model.mask_token_id == 3
   with pytest.raises(ConfigError, match=r"model.mask_token_id: 57 is an ordinary token of the "
                                         r"tokenizer; use its <mask> \(4\), its EOS \(3\)"):
-    tiny_run("model.mask_token_id=57").with_mask_token((4, 3))
+    tiny_run("model.mask_token_id=57").with_mask_token(_ids(4, 3))
   with pytest.raises(ConfigError, match=r"model.mask_token_id: 5000 is outside the vocabulary "
                                         r"\[0, 4096\)"):
     tiny_run("model.mask_token_id=5000")
+
+
+def test_a_tokenizer_without_a_mask_token_masks_with_its_eos_when_told():
+  assert tiny_run("model.mask_token_id=3").with_mask_token(_ids(None, 3)).model.mask_token_id == 3
+  with pytest.raises(ConfigError, match=r"model.mask_token_id: -1 means the tokenizer's mask "
+                                        r"token, but runs/x/tokenizer.json has none; set "
+                                        r"model.mask_token_id=3 \(its EOS, Dhara's own choice"):
+    tiny_run().with_mask_token(_ids(None, 3))
+  with pytest.raises(ConfigError, match=r"57 is an ordinary token of the tokenizer; use its EOS "
+                                        r"\(3\)$"):
+    tiny_run("model.mask_token_id=57").with_mask_token(_ids(None, 3))
+  with pytest.raises(ConfigError, match=r"has neither a mask token nor an EOS"):
+    tiny_run("model.mask_token_id=3").with_mask_token(_ids(None, None))
 
 
 def _batches(cfg, count):

@@ -131,7 +131,8 @@ def test_export_writes_the_tokenizer_and_the_card(trained, tmp_path):
     out = export_run(trained, tmp_path / "hf")
   finally:
     (trained / "eval" / "summary.json").unlink()
-  sp = spm.SentencePieceProcessor(model_proto=saved_tokenizer(trained, 2))
+  saved = saved_tokenizer(trained, 2)
+  sp = spm.SentencePieceProcessor(model_proto=saved.files[saved.main_file])
   assert all((out / name).is_file() for name in ("README.md", *TOKENIZER_FILES))
   meta = front_matter((out / "README.md").read_text())
   assert meta["model-index"][0]["name"] == trained.name

@@ -131,7 +131,8 @@ def test_run_dir_contents_and_tokenizer_in_checkpoint(tmp_path):
   assert list((tmp_path / "tensorboard").iterdir())
   checkpoints = Checkpointer(tmp_path, keep=3)
   assert checkpoints.latest_step() == 6 == summary["steps"]
-  assert checkpoints.restore_tokenizer(6) == (tmp_path / "sample_4k.model").read_bytes()
+  assert checkpoints.restore_tokenizer(6) == {
+      "sample_4k.model": (tmp_path / "sample_4k.model").read_bytes()}
   checkpoints.close()
   png = plot_run(tmp_path)
   assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -149,7 +149,7 @@ def _setup(study: Study, out: Path, stopper: "_Stopper", log: Callable[[str], No
 
   tokenizer = Path(config_lib.from_dict(study.shared).data.tokenizer)
   for name, argv in setup_steps(study, out):
-    if name == "tokenizer" and tokenizer.is_file():
+    if name == "tokenizer" and tokenizer.exists():  # a model file, or a tokenizer folder
       continue
     log(f"study: setup {name}: {shlex.join(argv)}")
     code, error = _run_step(argv, out / "setup.log", study.step_timeout_minutes, stopper)

@@ -12,7 +12,7 @@ import pytest
 
 from data_pipeline.cache import prepare
 from data_pipeline.config import DataConfig, REPO_ROOT, SourceConfig
-from data_pipeline.tokenizer import train_tokenizer
+from data_pipeline.tokenizer_training import train_tokenizer
 
 SAMPLE = REPO_ROOT / "data" / "sample"
 SLOTS = ("finepdfs", "dclm", "fineweb_edu")

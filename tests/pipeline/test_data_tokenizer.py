@@ -4,8 +4,8 @@ import pytest
 from conftest import SLOTS, sample_texts
 
 from data_pipeline.config import DataConfig
-from data_pipeline.tokenizer import (BOS, EOS, MASK, PAD, check_tokenizer_fits, draw_sample,
-                                     load_tokenizer, train_tokenizer)
+from data_pipeline.tokenizer import check_tokenizer_fits, load_tokenizer
+from data_pipeline.tokenizer_training import BOS, EOS, MASK, PAD, draw_sample, train_tokenizer
 from dhara_jax import config
 from dhara_jax.errors import ConfigError, DharaError
 
@@ -47,8 +47,8 @@ def test_sample_keeps_the_mix_proportions():
 def test_save_load_pickle_keep_the_model(tokenizer, tmp_path):
   path = tokenizer.save_to(tmp_path / "run")
   again = load_tokenizer(path)
-  assert again.sha256 == tokenizer.sha256
-  assert (tmp_path / "run" / "tokenizer.json").is_file()
+  assert again.sha256 == tokenizer.sha256 and again.files == tokenizer.files
+  assert sorted(p.name for p in (tmp_path / "run").iterdir()) == [tokenizer.path.name]
   assert pickle.loads(pickle.dumps(tokenizer)).encode("a b").tolist() == tokenizer.encode(
       "a b").tolist()
 
