@@ -72,10 +72,11 @@ def main() -> int:
                  help="lm-eval's generation overrides (default: 32 new tokens)")
   args = p.parse_args()
 
-  from dhara_jax.runs import export_run
-  from dhara_jax.sampling import trained_phase
+  from dhara_jax.runs import export_run, open_run
 
-  if trained_phase(Path(args.run_dir)).diffusion:  # HFLM would score it as a causal LM
+  with open_run(args.run_dir) as run:
+    diffusion = run.phase.diffusion
+  if diffusion:  # HFLM would score it as a causal LM
     sys.exit("error: HFLM has no diffusion likelihood; give an AR run")
   with tempfile.TemporaryDirectory() as tmp:
     export = str(export_run(Path(args.run_dir), Path(tmp) / "hf"))

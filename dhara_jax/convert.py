@@ -23,7 +23,9 @@ from data_pipeline.tokenizer import load_tokenizer
 from dhara_jax import config as config_lib
 from dhara_jax.config import Config
 from dhara_jax.errors import ConfigError, DharaError
+from dhara_jax.loop import run
 from dhara_jax.phases import Phase, Plan, Stage
+from dhara_jax.runs import open_run
 
 # Model fields a conversion may change: the attention becomes bidirectional, a mask token
 # comes in; everything else must be the AR model's.
@@ -101,57 +103,48 @@ def with_budget(cfg: Config, ar_cfg: Config, ar_step: int) -> Config:
 def convert(ar_run: Path, spec: str | Path, overrides: list[str], run_dir: Path,
             ar_step: int | None = None, stop_at: int | None = None,
             progress: bool = True) -> dict:
-  """Runs (or resumes) the conversion of `ar_run` into `run_dir`; returns loop.run's summary."""
-  from dhara_jax.loop import run
-  from dhara_jax.runs import load_run_config, restore_params, run_tokenizer, saved_steps
-
+  """Runs (or resumes) the conversion of `ar_run` into `run_dir`; returns loop.run's summary.
+  The AR run is opened once, and stays open while its weights are read into the new run."""
   ar_run, run_dir = Path(ar_run), Path(run_dir)
-  ar_cfg = load_run_config(ar_run)
-  if ar_cfg.train.objective != "ar":
-    raise DharaError(f"convert: {ar_run} is not an AR run (train.objective: "
-                     f"{ar_cfg.train.objective}); convert an AR run")
-  record = _read_record(run_dir)
-  # A config without a record is another run (the AR run itself, say): writing the record
-  # into it would make it read as a conversion, and the loop would refuse it only afterwards.
-  if record is None and (run_dir / "config.yaml").is_file():
-    what = ("is the AR run itself" if run_dir.resolve() == ar_run.resolve() else
-            f"holds a run that is not a conversion (no {RECORD})")
-    raise DharaError(f"convert: --run-dir {run_dir} {what}; use a new --run-dir")
-  if record is not None:
-    if Path(record["ar_run"]).resolve() != ar_run.resolve():
-      raise DharaError(f"convert: {run_dir} is a conversion of {record['ar_run']}, not of "
-                       f"{ar_run}; use a new --run-dir")
-    ar_step = record["ar_step"] if ar_step is None else ar_step
-  steps = saved_steps(ar_run)
-  if not steps:
-    raise DharaError(f"convert: {ar_run} has no checkpoint yet")
-  ar_step = steps[-1] if ar_step is None else ar_step
-  if ar_step not in steps:
-    raise DharaError(f"convert: {ar_run} has no checkpoint of step {ar_step} (it has "
-                     f"{', '.join(map(str, steps))})")
-  if record is not None and record["ar_step"] != ar_step:
-    raise DharaError(f"convert: {run_dir} was started from step {record['ar_step']} of "
-                     f"{ar_run}, not {ar_step}; use a new --run-dir")
-  cfg = with_budget(load_conversion_config(ar_cfg, spec, overrides), ar_cfg, ar_step)
-  conversion_plan(cfg)  # refuses a bad ladder before anything is written
-  tokenizer = run_tokenizer(ar_run, ar_step, cfg)
-  path = resolve_input(cfg.data.tokenizer)
-  if path.exists() and load_tokenizer(path).sha256 != tokenizer.sha256:
-    raise DharaError(f"convert: data.tokenizer {path} is not the tokenizer {ar_run} was "
-                     f"trained with; use its copy in {ar_run}")
-  cfg.with_mask_token(tokenizer)  # no usable mask id: refused before anything is written
+  with open_run(ar_run) as ar:
+    if ar.cfg.train.objective != "ar":
+      raise DharaError(f"convert: {ar_run} is not an AR run (train.objective: "
+                       f"{ar.cfg.train.objective}); convert an AR run")
+    record = _read_record(run_dir)
+    # A config without a record is another run (the AR run itself, say): writing the record
+    # into it would make it read as a conversion, and the loop would refuse it only afterwards.
+    if record is None and (run_dir / "config.yaml").is_file():
+      what = ("is the AR run itself" if run_dir.resolve() == ar_run.resolve() else
+              f"holds a run that is not a conversion (no {RECORD})")
+      raise DharaError(f"convert: --run-dir {run_dir} {what}; use a new --run-dir")
+    if record is not None:
+      if Path(record["ar_run"]).resolve() != ar_run.resolve():
+        raise DharaError(f"convert: {run_dir} is a conversion of {record['ar_run']}, not of "
+                         f"{ar_run}; use a new --run-dir")
+      ar_step = record["ar_step"] if ar_step is None else ar_step
+    ar_step = ar.step(ar_step, who="convert")
+    if record is not None and record["ar_step"] != ar_step:
+      raise DharaError(f"convert: {run_dir} was started from step {record['ar_step']} of "
+                       f"{ar_run}, not {ar_step}; use a new --run-dir")
+    cfg = with_budget(load_conversion_config(ar.cfg, spec, overrides), ar.cfg, ar_step)
+    plan = conversion_plan(cfg)  # refuses a bad ladder before anything is written
+    tokenizer = ar.tokenizer(ar_step)
+    path = resolve_input(cfg.data.tokenizer)
+    if path.exists() and load_tokenizer(path).sha256 != tokenizer.sha256:
+      raise DharaError(f"convert: data.tokenizer {path} is not the tokenizer {ar_run} was "
+                       f"trained with; use its copy in {ar_run}")
+    cfg.with_mask_token(tokenizer)  # no usable mask id: refused before anything is written
 
-  def ar_params(run_cfg: Config, mesh: Any) -> Any:
-    return restore_params(ar_run, ar_step, mesh)[1]  # the AR and diffusion shardings agree
+    def ar_params(run_cfg: Config, mesh: Any) -> Any:
+      return ar.params(ar_step, mesh)  # the AR and diffusion shardings agree
 
-  def record_start(run_cfg: Config) -> Plan:
-    plan = conversion_plan(run_cfg)
-    if record is None and jax.process_index() == 0:
-      _write_record(run_dir, ar_run, ar_step, run_cfg)
-    return plan
+    def record_start(run_cfg: Config) -> Plan:
+      if record is None and jax.process_index() == 0:
+        _write_record(run_dir, ar_run, ar_step, run_cfg)
+      return plan
 
-  return run(cfg, run_dir, stop_at=stop_at, progress=progress, plan=record_start,
-             initial_params=ar_params)
+    return run(cfg, run_dir, stop_at=stop_at, progress=progress, plan=record_start,
+               initial_params=ar_params)
 
 
 def _read_record(run_dir: Path) -> dict | None:

@@ -33,9 +33,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dhara_jax.config import Config, ModelConfig
+from dhara_jax.config import ModelConfig
 from dhara_jax.errors import DharaError
 from dhara_jax.phases import Phase
+from dhara_jax.runs import load_run
 
 PROMPT_TOKENS = 16  # every benchmark prompt is cut to this many tokens: rows of equal length
 PROMPT_SOURCE = "data/sample/dclm"  # the shipped sample whose held-out lines are the prompts
@@ -56,36 +57,6 @@ HEADLINE = (1, 100)  # (B, G)
 OTHER_CPU_WARNING = 0.1  # warn when other processes took more of the CPUs than this
 JUDGE = "exp(mean NLL over all generated tokens of all rows), prompt as context"
 LOG = functools.partial(print, file=sys.stderr, flush=True)
-
-
-@dataclasses.dataclass
-class LoadedRun:
-  """A run's parameters with what generating from them needs."""
-
-  run_dir: Path
-  cfg: Config
-  params: Any
-  step: int
-  tokenizer: Any  # data_pipeline.Tokenizer
-  phase: Phase  # the objective the parameters were trained with
-
-
-def load_run(run_dir: str | Path, step: int | None = None) -> LoadedRun:
-  """Config, parameters of checkpoint `step` (default: latest), tokenizer and trained phase."""
-  from dhara_jax import runs
-  from dhara_jax.sampling import trained_phase
-
-  run_dir = Path(run_dir)
-  runs.load_run_config(run_dir)  # a missing or foreign dir: one line, before orbax looks
-  steps = runs.saved_steps(run_dir)
-  if not steps:
-    raise DharaError(f"run: {run_dir} has no checkpoint yet")
-  if step is not None and step not in steps:
-    raise DharaError(f"run: {run_dir} has no checkpoint of step {step} (it has "
-                     f"{', '.join(map(str, steps))})")
-  cfg, params, step = runs.restore_params(run_dir, step)
-  tokenizer = runs.run_tokenizer(run_dir, step, cfg)
-  return LoadedRun(run_dir, cfg, params, step, tokenizer, trained_phase(run_dir))
 
 
 # --- dhara generate ---------------------------------------------------------------------------

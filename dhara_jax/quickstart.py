@@ -36,9 +36,9 @@ from dhara_jax.export import export_hf, import_hf
 from dhara_jax.export.parity import load_torch_model, torch_logits
 from dhara_jax.metrics import read_metrics
 from dhara_jax.model import forward
-from dhara_jax.phases import Phase
+from dhara_jax.phases import Phase, run_phase
 from dhara_jax.plot import plot_run
-from dhara_jax.sampling import Sampling, generate, trained_phase
+from dhara_jax.sampling import Sampling, generate
 
 CONFIG = "configs/runs/quickstart.yaml"
 CONVERT_CONFIG = "configs/runs/quickstart_convert.yaml"
@@ -114,7 +114,7 @@ def run(out_dir: str | Path, config: str = CONFIG, overrides: tuple[str, ...] = 
   log("6/8 generation: AR with its KV cache against the diffusion model's block cache")
   diffusion_params = jax.device_get(converted["state"]["params"])
   speed = generation_speed(cfg.model, params, diffusion_cfg.model, diffusion_params,
-                           trained_phase(out / "diffusion"), prompt, tokenizer)
+                           run_phase(diffusion_cfg), prompt, tokenizer)
   for name, row in speed["rows"].items():
     log(f"    {name:<28} {row['tokens_per_second']:>8,.0f} tok/s  ×{row['speedup']:.2f}  "
         f"{row['tokens_per_forward']:.1f} tok/forward  judge ppl {_fmt(row['judge_ppl'])}  "

@@ -1,4 +1,7 @@
-"""Run directories as units: export a run's checkpoint, import weights into a new run."""
+"""Reading a run directory — the one place every command that reads a run opens it (generate,
+eval, convert, export, the benchmarks, the study): its config (parsed once), its checkpoints
+(opened once, read-only), the phase its final parameters were trained with, and a
+checkpoint's tokenizer and parameters. Also `dhara export` and `dhara import` of run dirs."""
 
 from __future__ import annotations
 
@@ -23,6 +26,7 @@ from dhara_jax.export.card import read_summary, write_model_card
 from dhara_jax.export.gguf import transformers_dir
 from dhara_jax.export.tokenizer import import_tokenizer, write_token_ids, write_tokenizer
 from dhara_jax.loop import prepare_run_dir
+from dhara_jax.phases import Phase, run_phase
 from dhara_jax.sharding import make_mesh
 from dhara_jax.train import abstract_state, build, fresh_state
 
@@ -37,64 +41,99 @@ def load_run_config(run_dir: Path) -> Config:
   return config_lib.load(path)
 
 
-@contextlib.contextmanager
-def read_checkpoints(run_dir: Path) -> Iterator[tuple[Config, Checkpointer]]:
-  """The run's config and its checkpoints where it saved them (`train.checkpoint_dir`, if set),
-  opened for reading: no directory is made."""
-  cfg = load_run_config(run_dir)
-  checkpoints = Checkpointer(run_dir, keep=1_000_000, async_save=False,
-                             directory=cfg.train.checkpoint_dir, create=False)
-  try:
-    yield cfg, checkpoints
-  finally:
-    checkpoints.close()
-
-
-def saved_steps(run_dir: Path) -> list[int]:
-  """The steps of the run's checkpoints on disk, oldest first."""
-  with read_checkpoints(run_dir) as (_, checkpoints):
-    return sorted(checkpoints.manager.all_steps())
-
-
-def saved_tokenizer(run_dir: Path, step: int) -> Tokenizer | None:
-  """The tokenizer saved with checkpoint `step` (None for a run that had none)."""
-  with read_checkpoints(run_dir) as (_, checkpoints):
-    files = checkpoints.restore_tokenizer(step)
-    where = Path(checkpoints.directory) / str(step) / "tokenizer"
-  if files is None:
-    return None
-  return read_tokenizer(files, f"checkpoint: {where}", where)
-
-
-def run_tokenizer(run_dir: Path, step: int, cfg: Config) -> Tokenizer:
-  """The tokenizer saved with checkpoint `step`, else (a run that saved none) the config's
-  data.tokenizer; one line if neither exists or it has ids the model's embedding lacks."""
-  tokenizer = saved_tokenizer(run_dir, step)
-  if tokenizer is None:
-    tokenizer = load_tokenizer(cfg.data.tokenizer)
-  check_tokenizer_fits(tokenizer, cfg.model)
-  return tokenizer
-
-
 def job_mesh() -> Mesh:
   """Every device of the job (all processes) on the batch axis: data parallel, parameters
   replicated — how evaluation, generation and export hold a run's model."""
   return make_mesh(MeshConfig(data=-1, fsdp=1, tensor=1))
 
 
-def restore_params(run_dir: Path, step: int | None = None, mesh: Mesh | None = None
-                   ) -> tuple[Config, Any, int]:
-  """The run's config and the parameters of checkpoint `step` (default: latest), restored
-  straight into their shardings on `mesh` (default: `job_mesh()`): in a job of several
-  processes each reads what its own devices hold."""
-  with read_checkpoints(run_dir) as (cfg, checkpoints):
-    latest = checkpoints.latest_step()
-    if latest is None:
-      raise DharaError(f"run: {run_dir} has no checkpoint yet")
-    step = latest if step is None else step
-    tx, shardings = build(cfg, mesh or job_mesh())
-    state = checkpoints.restore(step, abstract_state(cfg, tx, shardings), None)
-  return cfg, state["params"], step
+@dataclasses.dataclass
+class LoadedRun:
+  """A run's parameters with what generating from them or scoring with them needs."""
+
+  run_dir: Path
+  cfg: Config
+  params: Any
+  step: int
+  tokenizer: Tokenizer
+  phase: Phase  # the objective the parameters were trained with
+
+
+class RunDir:
+  """A run directory opened for reading (`open_run`)."""
+
+  def __init__(self, path: Path, cfg: Config, checkpoints: Checkpointer):
+    self.path, self.cfg, self.checkpoints = path, cfg, checkpoints
+    self.steps = sorted(checkpoints.manager.all_steps())  # on disk, oldest first
+
+  @property
+  def phase(self) -> Phase:
+    """The objective (and block size) the final parameters were trained with. A conversion's
+    resolved config names its last stage's (convert.with_budget), so this is the config's."""
+    return run_phase(self.cfg)
+
+  def step(self, step: int | None = None, who: str = "run") -> int:
+    """`step` (default: the latest), or one line (from `who`) when the run has no such
+    checkpoint."""
+    if not self.steps:
+      raise DharaError(f"{who}: {self.path} has no checkpoint yet")
+    if step is None:
+      return self.steps[-1]
+    if step not in self.steps:
+      raise DharaError(f"{who}: {self.path} has no checkpoint of step {step} (it has "
+                       f"{', '.join(map(str, self.steps))})")
+    return step
+
+  def saved_tokenizer(self, step: int) -> Tokenizer | None:
+    """The tokenizer saved with checkpoint `step` (None for a run that had none)."""
+    files = self.checkpoints.restore_tokenizer(step)
+    if files is None:
+      return None
+    where = Path(self.checkpoints.directory) / str(step) / "tokenizer"
+    return read_tokenizer(files, f"checkpoint: {where}", where)
+
+  def tokenizer(self, step: int) -> Tokenizer:
+    """The tokenizer saved with checkpoint `step`, else (a run that saved none) the config's
+    data.tokenizer; one line if neither exists or it has ids the model's embedding lacks."""
+    tokenizer = self.saved_tokenizer(step)
+    if tokenizer is None:
+      tokenizer = load_tokenizer(self.cfg.data.tokenizer)
+    check_tokenizer_fits(tokenizer, self.cfg.model)
+    return tokenizer
+
+  def params(self, step: int, mesh: Mesh | None = None) -> Any:
+    """The parameters of checkpoint `step`, restored straight into their shardings on `mesh`
+    (default: `job_mesh()`): in a job of several processes each reads what its own devices
+    hold. Every process must ask for the same (orbax's reads are collective)."""
+    tx, shardings = build(self.cfg, mesh or job_mesh())
+    return self.checkpoints.restore(step, abstract_state(self.cfg, tx, shardings), None)["params"]
+
+  def load(self, step: int | None = None, mesh: Mesh | None = None) -> LoadedRun:
+    """Parameters, tokenizer and phase of checkpoint `step` (default: the latest)."""
+    step = self.step(step)
+    tokenizer = self.tokenizer(step)  # a bad tokenizer fails before the parameters are read
+    return LoadedRun(self.path, self.cfg, self.params(step, mesh), step, tokenizer, self.phase)
+
+
+@contextlib.contextmanager
+def open_run(run_dir: str | Path) -> Iterator[RunDir]:
+  """The run directory opened for reading: its config, and its checkpoints where it saved them
+  (`train.checkpoint_dir`, if set); no directory is made. A missing or foreign dir is one
+  line, before orbax looks."""
+  path = Path(run_dir)
+  cfg = load_run_config(path)
+  checkpoints = Checkpointer(path, keep=1_000_000, async_save=False,
+                             directory=cfg.train.checkpoint_dir, create=False)
+  try:
+    yield RunDir(path, cfg, checkpoints)
+  finally:
+    checkpoints.close()
+
+
+def load_run(run_dir: str | Path, step: int | None = None) -> LoadedRun:
+  """`open_run(run_dir).load(step)`: what one command needs of one checkpoint."""
+  with open_run(run_dir) as run:
+    return run.load(step)
 
 
 def export_run(run_dir: Path, out: Path, step: int | None = None, code: str = "auto") -> Path:
@@ -104,8 +143,10 @@ def export_run(run_dir: Path, out: Path, step: int | None = None, code: str = "a
   run_dir = Path(run_dir)
   summary_path = run_dir / "eval" / "summary.json"
   summary = read_summary(summary_path)  # a damaged one fails before anything is written
-  cfg, params, step = restore_params(run_dir, step)
-  tokenizer = _export_tokenizer(run_dir, step, cfg)
+  with open_run(run_dir) as run:
+    cfg, step = run.cfg, run.step(step)
+    params = run.params(step)
+    tokenizer = _export_tokenizer(run, step)
   # Every process reads the checkpoint (orbax's reads are collective) and holds all of the
   # replicated parameters; process 0 alone writes, from the host copy (an op on the global
   # arrays would wait for the others).
@@ -125,10 +166,10 @@ def export_run(run_dir: Path, out: Path, step: int | None = None, code: str = "a
   return out
 
 
-def _export_tokenizer(run_dir: Path, step: int, cfg: Config) -> Tokenizer | None:
-  """`run_tokenizer`, or None (logged) when the run has no usable one."""
+def _export_tokenizer(run: RunDir, step: int) -> Tokenizer | None:
+  """The run's tokenizer, or None (logged) when it has no usable one."""
   try:
-    return run_tokenizer(run_dir, step, cfg)
+    return run.tokenizer(step)
   except DharaError as e:
     log.warning("export: no tokenizer written (%s)", e)
     return None

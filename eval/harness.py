@@ -43,7 +43,7 @@ class Options:
 
 
 class DharaLM(TemplateLM):
-  """An lm-eval model over one run's parameters (`generation_bench.LoadedRun`)."""
+  """An lm-eval model over one run's parameters (`runs.LoadedRun`)."""
 
   def __init__(self, run: Any, options: Options = Options()):
     super().__init__()
@@ -66,7 +66,7 @@ class DharaLM(TemplateLM):
   @classmethod
   def from_run(cls, run_dir: str | Path, step: int | None = None,
                options: Options = Options()) -> "DharaLM":
-    from dhara_jax.generation_bench import load_run
+    from dhara_jax.runs import load_run
 
     return cls(load_run(run_dir, step), options)
 

@@ -11,6 +11,8 @@ from typing import Any
 
 from lm_eval.api.model import LM
 
+from dhara_jax.export.parity import load_torch_model
+
 
 def hflm(export_dir: str | Path, batch_size: int = 16, eos_prefix: bool = True,
          dtype: str = "float32") -> Any:
@@ -22,13 +24,12 @@ def hflm(export_dir: str | Path, batch_size: int = 16, eos_prefix: bool = True,
   log-softmax over a 49k-token vocabulary moves a long continuation's score by ~1e-3)."""
   import torch
   from lm_eval.models.huggingface import HFLM
-  from transformers import AutoModelForCausalLM, AutoTokenizer
+  from transformers import AutoTokenizer
 
-  # trust_remote_code: our own export's code (Canon models; the DharaTokenizer, which decodes
+  # trust_remote_code: our own export's code (the DharaTokenizer, which decodes
   # exactly where the stock backend strips spaces, and generate_until's text depends on it).
   torch_dtype = getattr(torch, dtype)
-  model = AutoModelForCausalLM.from_pretrained(export_dir, dtype=torch_dtype,
-                                               trust_remote_code=True).eval()
+  model = load_torch_model(export_dir, dtype)
   tokenizer = AutoTokenizer.from_pretrained(export_dir, trust_remote_code=True)
   return HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device="cpu",
               prefix_token_id=tokenizer.eos_token_id if eos_prefix else None,

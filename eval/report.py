@@ -21,6 +21,8 @@ import jax
 
 from data_pipeline.files import check_writable
 from dhara_jax.errors import DharaError
+from dhara_jax.runs import open_run
+from eval import harness, registry
 from eval.harness import DharaLM, Options
 from eval.registry import STUDY, STUDY_TASKS, StudyTask, lm_eval_version
 
@@ -36,31 +38,20 @@ def evaluate(run_dir: str | Path, tasks: str = STUDY, *, limit: int | None = Non
   """Evaluates a run on lm-eval tasks; returns the summary (also written to RUN_DIR/eval).
   `task_manager`: one from `registry.task_manager(data_dir)` to reuse (its index takes ~10 s
   to build)."""
-  from dhara_jax.generation_bench import load_run
-  from dhara_jax.runs import load_run_config, saved_steps
-  from dhara_jax.sampling import trained_phase
-  from eval import harness, registry
-
   if limit is not None and limit < 1:
     raise DharaError(f"eval: --limit must be ≥ 1, got {limit}")
   run_dir = Path(run_dir)
-  load_run_config(run_dir)
-  steps = saved_steps(run_dir)
-  if not steps:
-    raise DharaError(f"run: {run_dir} has no checkpoint yet")
-  if step is not None and step not in steps:
-    raise DharaError(f"run: {run_dir} has no checkpoint of step {step} (it has "
-                     f"{', '.join(map(str, steps))})")
-  # The phase needs no params: options that do not fit the run fail before lm-eval's task
-  # index (~10 s) is built.
-  phase = trained_phase(run_dir)
-  harness.check_options(phase, diffusion_options)
-  harness.check_gen_kwargs(phase, gen_kwargs)
-  if out is not None:  # now, not after an evaluation that may take hours
-    check_writable(out, "eval")
-  tm = task_manager or registry.task_manager(data_dir)  # checks the data dir
-  names = registry.resolve_tasks(tasks, tm)
-  run = load_run(run_dir, step)
+  with open_run(run_dir) as opened:
+    step = opened.step(step)
+    # The phase needs no params: options that do not fit the run fail before lm-eval's task
+    # index (~10 s) is built.
+    harness.check_options(opened.phase, diffusion_options)
+    harness.check_gen_kwargs(opened.phase, gen_kwargs)
+    if out is not None:  # now, not after an evaluation that may take hours
+      check_writable(out, "eval")
+    tm = task_manager or registry.task_manager(data_dir)  # checks the data dir
+    names = registry.resolve_tasks(tasks, tm)
+    run = opened.load(step)
   lm = DharaLM(run, options)
   started = time.perf_counter()
   results = _simple_evaluate(lm, names, tm, limit, gen_kwargs)

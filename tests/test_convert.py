@@ -16,7 +16,7 @@ from dhara_jax.errors import ConfigError
 from dhara_jax.loop import run
 from dhara_jax.metrics import read_metrics
 from dhara_jax.phases import Phase
-from dhara_jax.runs import restore_params
+from dhara_jax.runs import load_run, open_run
 
 AR = ["model.d_model=32", "model.num_layers=2", "model.num_heads=2", "model.num_kv_heads=1",
       "model.mlp_dim=64", "model.max_seq_len=32", "data.seq_len=32", "data.batch_size=8",
@@ -115,13 +115,11 @@ def _files(directory):
 
 
 def test_another_run_as_the_output_is_refused_untouched(ar_run, tmp_path, capsys):
-  from dhara_jax.sampling import trained_phase
-
   before = _files(ar_run)
   code, err = _convert(capsys, ar_run, ar_run)
   assert code == 2 and err.splitlines() == [
       f"error: convert: --run-dir {ar_run} is the AR run itself; use a new --run-dir"]
-  assert _files(ar_run) == before and trained_phase(ar_run) == Phase("ar")  # no stray record
+  assert _files(ar_run) == before and load_run(ar_run).phase == Phase("ar")
   other = tmp_path / "other"
   other.mkdir()
   (other / "config.yaml").write_text((ar_run / "config.yaml").read_text())
@@ -160,8 +158,8 @@ def test_a_conversion_runs_the_plan_and_averages_the_best_decay_checkpoints(ar_r
             if r["phase"] == "decay" and "diffusion_loss" in r}
   assert sorted(scored) == [14, 16]
   assert last["averaged_steps"] == sorted(scored, key=scored.get)
-  _, _, step = restore_params(tmp_path / "conv")
-  assert step == 16
+  with open_run(tmp_path / "conv") as conv:
+    assert conv.step() == 16
   cfg = config.load(tmp_path / "conv" / "config.yaml")
   assert cfg.train.objective == "block" and cfg.train.block_size == 8
   assert cfg.model.attention == "bidirectional" and cfg.model.mask_token_id == 4

@@ -123,7 +123,7 @@ def test_export_writes_the_tokenizer_and_the_card(trained, tmp_path):
   from transformers import AutoTokenizer, GenerationConfig
 
   from dhara_jax.export import import_hf
-  from dhara_jax.runs import export_run, saved_tokenizer
+  from dhara_jax.runs import export_run, open_run
 
   (trained / "eval").mkdir(exist_ok=True)
   (trained / "eval" / "summary.json").write_text(json.dumps(SUMMARY))
@@ -131,7 +131,8 @@ def test_export_writes_the_tokenizer_and_the_card(trained, tmp_path):
     out = export_run(trained, tmp_path / "hf")
   finally:
     (trained / "eval" / "summary.json").unlink()
-  saved = saved_tokenizer(trained, 2)
+  with open_run(trained) as run:
+    saved = run.saved_tokenizer(2)
   sp = spm.SentencePieceProcessor(model_proto=saved.files[saved.main_file])
   assert all((out / name).is_file() for name in ("README.md", *TOKENIZER_FILES))
   meta = front_matter((out / "README.md").read_text())
@@ -159,7 +160,7 @@ def test_export_of_a_run_without_a_saved_tokenizer(trained, tmp_path, monkeypatc
   from data_pipeline.config import resolve_input
   from dhara_jax import runs
 
-  monkeypatch.setattr(runs, "saved_tokenizer", lambda *_: None)  # as for an imported run
+  monkeypatch.setattr(runs.RunDir, "saved_tokenizer", lambda *_: None)  # as for an import
   cfg = runs.load_run_config(trained)
   out = runs.export_run(trained, tmp_path / "config_tokenizer")  # falls back to data.tokenizer
   assert (out / "tokenizer.model").read_bytes() == resolve_input(cfg.data.tokenizer).read_bytes()

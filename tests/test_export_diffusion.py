@@ -162,8 +162,13 @@ def test_bidirectional_routes_to_custom_code_and_stock_class_refuses(tmp_path, f
 
 
 def test_causal_custom_export_stays_causal_lm_and_generates(tmp_path):
+  # A diffusion export of the same code loaded first, from a folder of the same name: transformers
+  # then keeps its class registered for DharaConfig, which must not decide the next load.
+  diffusion = tiny_config("llama3", *DIFFUSION, "model.canon_set=AC")
+  earlier = export_hf(diffusion, random_params(diffusion), tmp_path / "earlier" / "hf")
+  assert type(load_torch_model(earlier)).__name__ == "DharaForMaskedDiffusion"
   cfg = tiny_config("llama3", "model.canon_set=AC", f"model.mask_token_id={MASK}")
-  out = export_hf(cfg, random_params(cfg), tmp_path)
+  out = export_hf(cfg, random_params(cfg), tmp_path / "hf")
   written = json.loads((out / "config.json").read_text())
   assert written["architectures"] == ["DharaForCausalLM"]
   assert written["auto_map"]["AutoModelForCausalLM"] == "modeling_dhara.DharaForCausalLM"

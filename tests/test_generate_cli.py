@@ -14,6 +14,7 @@ from dhara_jax.convert import RECORD, convert
 from dhara_jax.errors import DharaError
 from dhara_jax.loop import run
 from dhara_jax.phases import Phase
+from dhara_jax.runs import load_run, open_run
 from test_train import tiny_run
 
 # One step of 8 × 32 tokens: enough weights to sample from; nothing here needs a trained model.
@@ -55,9 +56,8 @@ def _dhara(capsys, *argv):
 
 
 def test_the_conversion_fixture_is_block_diffusion_at_8(diffusion_run, ar_run):
-  from dhara_jax.sampling import trained_phase
-
-  assert trained_phase(diffusion_run) == Phase("block", 8)
+  with open_run(diffusion_run) as run:
+    assert run.phase == Phase("block", 8)
   assert gb.ar_run_of(diffusion_run, None) == ar_run.resolve()
 
 
@@ -183,9 +183,8 @@ def test_bench_settings_follow_the_block_size_and_say_what_they_skip():
 
 def test_judge_perplexity_scores_only_the_generated_tokens(ar_run):
   from dhara_jax.model import forward
-  from dhara_jax.runs import restore_params
-
-  cfg, params, _ = restore_params(ar_run)
+  loaded = load_run(ar_run)
+  cfg, params = loaded.cfg, loaded.params
   prompts, outputs = [[5, 6, 7], [8, 9, 10, 11]], [[12, 13], [14]]
   logp = []
   for prompt, out in zip(prompts, outputs):

@@ -5,12 +5,14 @@ imported through the same transformers path; SmolLM2 itself takes a step of each
 
 import shutil
 
+import jax
+
 import pytest
 from real import tiny_llama_dir
 
-from dhara_jax import cli, config, loop, runs
-from dhara_jax.generation_bench import load_run
+from dhara_jax import cli, config, loop
 from dhara_jax.metrics import read_metrics
+from dhara_jax.runs import load_run, open_run
 from dhara_jax.sharding import make_mesh
 from dhara_jax.train import loss_sum
 
@@ -59,7 +61,8 @@ def test_continued_training_stops_and_resumes_exactly(imported, tmp_path):
   rows = _rows(straight)
   assert rows == _rows(stopped) and [r["step"] for r in rows if "loss" in r] == [1, 2, 3, 4]
   cfg = config.load(straight / "config.yaml")
-  assert runs.saved_tokenizer(straight, 4).sha256 == runs.saved_tokenizer(imported, 0).sha256
+  with open_run(straight) as trained, open_run(imported) as start:
+    assert trained.saved_tokenizer(4).sha256 == start.saved_tokenizer(0).sha256
   assert cfg.data.sources[0].name == "finepdfs"  # the shipped mix
 
 
@@ -88,11 +91,12 @@ def test_smollm2_trains_a_step_and_converts_a_step(smollm2_run, tmp_path):
   imported = load_run(smollm2_run, 0)
   cfg = imported.cfg
   batch = loop.model_inputs(next(loop.pipeline_data(cfg, make_mesh(cfg.mesh)).train))
-  _, (total, count) = loss_sum(cfg, imported.params, batch)
+  # The batch lives on the run's one-device mesh; the restored parameters on every device.
+  _, (total, count) = loss_sum(cfg, jax.device_get(imported.params), batch)
   (step_1,) = [r for r in read_metrics(run_dir) if "loss" in r]
   assert step_1["step"] == 1
   assert step_1["loss"] == pytest.approx(float(total / count), rel=1e-4)
-  eos = runs.saved_tokenizer(smollm2_run, 0).eos_id  # SmolLM2 has no mask token
+  eos = imported.tokenizer.eos_id  # SmolLM2 has no mask token
   assert cli.main(["convert", str(smollm2_run), "--config", RECIPE, "--run-dir",
                    str(tmp_path / "diffusion"), "--no-progress", f"model.mask_token_id={eos}",
                    "convert.warmup_blocks=[1]", "convert.decay_blocks=[]",
@@ -101,4 +105,5 @@ def test_smollm2_trains_a_step_and_converts_a_step(smollm2_run, tmp_path):
                    "train.eval_every=0"]) == 0
   trained = [r for r in read_metrics(tmp_path / "diffusion") if "loss" in r]
   assert [(r["phase"], r["block_size"]) for r in trained] == [("warmup", 1), ("stable", 16)]
-  assert runs.saved_steps(tmp_path / "diffusion")[-1] == 2
+  with open_run(tmp_path / "diffusion") as converted:
+    assert converted.steps[-1] == 2

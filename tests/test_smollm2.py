@@ -13,7 +13,7 @@ from real import PROMPT, sample_texts
 
 from dhara_jax import cli, runs
 from dhara_jax.export.parity import load_torch_model, torch_logits
-from dhara_jax.generation_bench import load_run
+from dhara_jax.runs import load_run
 from dhara_jax.model import forward
 from dhara_jax.sampling import Sampling, generate
 

@@ -55,7 +55,8 @@ def test_the_pipeline_packs_the_tokenizers_ids_and_the_run_keeps_it(journey):
   checkpoints.close()
   for name, data_bytes in tokenizer.files.items():
     assert (run_dir / name).read_bytes() == data_bytes
-  assert runs.saved_tokenizer(imported, 0).sha256 == tokenizer.sha256
+  with runs.open_run(imported) as run:
+    assert run.saved_tokenizer(0).sha256 == tokenizer.sha256
   assert load_tokenizer(runs.load_run_config(imported).data.tokenizer).sha256 == tokenizer.sha256
 
 

@@ -291,24 +291,26 @@ def test_checkpoint_of_another_state_layout_names_the_entries(tmp_path):
 def test_export_and_import_of_a_run(tmp_path):
   from dhara_jax.export.parity import load_torch_model, torch_logits
   from dhara_jax.model import forward
-  from dhara_jax.runs import import_into_run, restore_params
+  from dhara_jax.runs import import_into_run, load_run
 
   run(tiny_run("train.steps=2"), tmp_path / "run", progress=False)
   proc = _dhara("export", str(tmp_path / "run"), "--out", str(tmp_path / "hf"))
   assert proc.returncode == 0, proc.stderr
-  cfg, params, step = restore_params(tmp_path / "run")
+  loaded = load_run(tmp_path / "run")
+  cfg, params = loaded.cfg, loaded.params
   tokens = np.random.default_rng(0).integers(0, cfg.model.vocab_size, (1, 16))
   np.testing.assert_allclose(np.asarray(forward(cfg.model, params, tokens)[0]),
                              torch_logits(load_torch_model(tmp_path / "hf"), tokens), atol=1e-4)
   import_into_run(tmp_path / "hf", tmp_path / "imported")
-  cfg2, params2, step2 = restore_params(tmp_path / "imported")
-  assert step2 == 0 and cfg2.model == cfg.model
+  imported = load_run(tmp_path / "imported")
+  cfg2 = imported.cfg
+  assert imported.step == 0 and cfg2.model == cfg.model
   assert cfg2.data.seq_len == cfg.model.max_seq_len  # the default 1024-token rows, clamped
   # A base config whose rows the imported model cannot take is refused before writing.
   with pytest.raises(ConfigError, match=r"data.seq_len: 64 is longer than model.max_seq_len=32"):
     import_into_run(tmp_path / "hf", tmp_path / "too_long", tiny_run("data.seq_len=64"))
   assert not (tmp_path / "too_long").exists()
-  for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(params2)):
+  for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(imported.params)):
     assert np.array_equal(np.asarray(a), np.asarray(b))
 
 

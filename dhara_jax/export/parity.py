@@ -14,8 +14,8 @@ import numpy as np
 from dhara_jax.errors import DharaError
 
 
-def load_torch_model(hf_dir: str | Path):
-  """AutoModelForCausalLM in float32 on CPU; every tensor must come from the checkpoint.
+def load_torch_model(hf_dir: str | Path, dtype: str = "float32"):
+  """AutoModelForCausalLM in `dtype` on CPU; every tensor must come from the checkpoint.
 
   Custom-code exports (model_type "dhara") load with trust_remote_code: the code is ours,
   written next to the weights by `export_hf`.
@@ -23,14 +23,23 @@ def load_torch_model(hf_dir: str | Path):
   try:
     import torch
     import transformers
+    from transformers.dynamic_module_utils import get_class_from_dynamic_module
   except ImportError as e:
     raise DharaError(f"parity: needs torch and transformers ({e.name} is missing); "
                      "install with pip install -e '.[torch]'") from None
   transformers.utils.logging.disable_progress_bar()
   transformers.utils.logging.set_verbosity_error()  # e.g. "optional CUDA kernel not installed"
-  custom = json.loads((Path(hf_dir) / "config.json").read_text()).get("model_type") == "dhara"
-  model, info = transformers.AutoModelForCausalLM.from_pretrained(
-      str(hf_dir), dtype=torch.float32, output_loading_info=True, trust_remote_code=custom)
+  written = json.loads((Path(hf_dir) / "config.json").read_text())
+  if written.get("model_type") == "dhara":
+    # The class named by this export's auto_map, resolved here: once one export's remote class
+    # is registered for DharaConfig, AutoModelForCausalLM reuses it for every later export of
+    # the same code in this process (a causal export would load as a diffusion one).
+    model_class = get_class_from_dynamic_module(written["auto_map"]["AutoModelForCausalLM"],
+                                                str(hf_dir))
+  else:
+    model_class = transformers.AutoModelForCausalLM
+  model, info = model_class.from_pretrained(str(hf_dir), dtype=getattr(torch, dtype),
+                                            output_loading_info=True)
   problems = {k: v for k, v in info.items() if v}
   if problems:
     raise DharaError(f"parity: transformers did not load {hf_dir} cleanly: {problems}")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any, Sequence
 
 import jax
@@ -10,7 +9,7 @@ import numpy as np
 
 from dhara_jax.config import ModelConfig
 from dhara_jax.errors import DharaError
-from dhara_jax.phases import Phase, run_phase
+from dhara_jax.phases import Phase
 from dhara_jax.sampling import ar, diffusion
 from dhara_jax.sampling.rows import finished_rows, left_padded
 from dhara_jax.sampling.settings import Generation, Sampling, check_sampling
@@ -42,14 +41,3 @@ def generate(model: ModelConfig, params: Any, prompts: Sequence[Sequence[int]],
   tokens_BxG, forwards = ar.decode(model, params, prompt_BxP, first_B,
                                    jax.random.key(sampling.seed), s=sampling, eos_id=eos_id)
   return finished_rows(np.asarray(tokens_BxG), int(forwards), eos_id, sampling.stop)
-
-
-def trained_phase(run_dir: Path) -> Phase:
-  """The objective (and block size) a run's final parameters were trained with: a conversion's
-  last stage, else the run's own `train.objective`."""
-  from dhara_jax import convert, runs  # runs imports the training stack: only when asked
-
-  cfg = runs.load_run_config(Path(run_dir))
-  if (Path(run_dir) / convert.RECORD).is_file():
-    return convert.conversion_plan(cfg).stages[-1].phase
-  return run_phase(cfg)

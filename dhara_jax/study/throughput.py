@@ -22,7 +22,8 @@ def measure(run_dir: str | Path, new_tokens: int = 100, batch: int = 1, runs: in
   """tokens/s = B × G / median seconds of a call, with forwards and tokens per forward."""
   import jax
 
-  from dhara_jax.generation_bench import bench_prompts, load_run, timed_calls, tokens_per_forward
+  from dhara_jax.generation_bench import bench_prompts, timed_calls, tokens_per_forward
+  from dhara_jax.runs import load_run
   from dhara_jax.sampling import Sampling, check_sampling, generate
 
   sampling = Sampling(max_new_tokens=new_tokens, **{k: v for k, v in sampler.items()
