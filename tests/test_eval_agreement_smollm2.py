@@ -15,10 +15,10 @@ from dhara_jax import cli, runs
 from eval import registry
 from eval.peer import hflm
 
-TASKS = ("arc_challenge", "piqa", "hellaswag")
+TASKS = ("arc_challenge", "piqa", "winogrande")  # the shortest requests of the 7
 LIMIT = 20  # documents per task, from the shipped slices
 LL_TOLERANCE = 1e-3  # float32 on both sides
-pytestmark = pytest.mark.slow  # SmolLM2 scores ~200 requests on each side
+pytestmark = pytest.mark.slow  # SmolLM2 scores ~160 requests on each side
 
 
 @pytest.fixture(scope="module")
@@ -51,6 +51,8 @@ def test_every_request_and_every_documents_acc_agree(evaluated, task):
                                                (r[0] for r in peer[doc]["resps"])):
       worst = max(worst, abs(ll - ll_hf))
       assert abs(ll - ll_hf) <= LL_TOLERANCE and bool(greedy) == bool(greedy_hf), (task, doc)
-    for metric in ("acc", "acc_norm"):
+    metrics = [m for m in ("acc", "acc_norm") if m in peer[doc]]  # WinoGrande: acc only
+    assert "acc" in metrics
+    for metric in metrics:
       assert sample[metric] == peer[doc][metric], (task, doc, metric)
   print(f"{task}: {len(mine)} documents, largest |Δ log-likelihood| {worst:.1e}")
