@@ -26,7 +26,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from dhara_jax import config
-from dhara_jax.cli import positive_int
+from dhara_jax.arg_types import positive_int
 from dhara_jax.config import Config, MeshConfig
 from dhara_jax.export import export_hf
 from dhara_jax.model import init_params

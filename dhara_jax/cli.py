@@ -8,6 +8,7 @@ import os
 import sys
 
 from dhara_jax import compile_cache, distributed
+from dhara_jax.arg_types import non_negative_int, positive_int, positive_ints
 from dhara_jax.errors import DharaError
 
 
@@ -449,29 +450,6 @@ def add_bench_generate_args(p: argparse.ArgumentParser) -> None:
                  help="tokens per prompt (default 16)")
   p.add_argument("--quick", action="store_true", help="B=1, one small G, 1 run (for tests)")
   p.add_argument("--json", action="store_true", help="one JSON document: rows and headline")
-
-
-def positive_ints(text: str) -> tuple[int, ...]:
-  """argparse type: a comma-separated list of positive integers, e.g. 1,8,64."""
-  parts = text.split(",")
-  if not all(p.isdigit() and int(p) >= 1 for p in parts):
-    raise argparse.ArgumentTypeError(f"expected positive integers separated by commas, got "
-                                     f"{text!r}")
-  return tuple(int(p) for p in parts)
-
-
-def positive_int(text: str) -> int:
-  """argparse type: 1, 2, ... (a usage error otherwise)."""
-  if not text.isdigit() or int(text) < 1:
-    raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-  return int(text)
-
-
-def non_negative_int(text: str) -> int:
-  """argparse type: 0, 1, ... (a usage error otherwise)."""
-  if not text.isdigit():
-    raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
-  return int(text)
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
