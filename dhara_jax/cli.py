@@ -135,19 +135,18 @@ def _data_tfds(args: argparse.Namespace) -> int:
 
 
 def _generate(args: argparse.Namespace) -> int:
-  from dhara_jax import generation_bench
+  from dhara_jax import generate
   from dhara_jax.sampling import Sampling
 
   sampling = Sampling(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                       top_k=args.top_k, top_p=args.top_p, steps=args.steps,
                       block_length=args.block_length, remasking=args.remasking,
                       threshold=args.threshold, cache=args.cache, seed=args.seed)
-  texts = generation_bench.read_prompts(args.prompt, args.prompt_file)
-  report = generation_bench.generate_from_run(args.run_dir, texts, sampling, args.step,
-                                              stats=args.stats)
+  texts = generate.read_prompts(args.prompt, args.prompt_file)
+  report = generate.generate_from_run(args.run_dir, texts, sampling, args.step, stats=args.stats)
   if distributed.speaks_for_job():
     print(json.dumps(report, indent=2, ensure_ascii=False) if args.json
-          else generation_bench.format_generation(report))
+          else generate.format_generation(report))
   return 0
 
 
@@ -186,7 +185,7 @@ def _study(args: argparse.Namespace) -> int:
 
 
 def _bench_throughput(args: argparse.Namespace) -> int:
-  from dhara_jax.study import throughput
+  from dhara_jax.benchmarks import throughput
   from dhara_jax.study.spec import SAMPLER_KEYS
 
   sampler = {k: getattr(args, k) for k in SAMPLER_KEYS}
@@ -201,12 +200,12 @@ def _bench_throughput(args: argparse.Namespace) -> int:
 
 
 def _bench_generate(args: argparse.Namespace) -> int:
-  from dhara_jax import generation_bench
+  from dhara_jax.benchmarks import generate, report
 
-  report = generation_bench.run_bench(args.run_dir, args.ar_run, args.batches, args.new_tokens,
-                                      args.runs, args.quick, args.prompt_tokens)
-  print(json.dumps(report, indent=2, ensure_ascii=False) if args.json
-        else generation_bench.format_bench(report))
+  result = generate.run_bench(args.run_dir, args.ar_run, args.batches, args.new_tokens,
+                              args.runs, args.quick, args.prompt_tokens)
+  print(json.dumps(result, indent=2, ensure_ascii=False) if args.json
+        else report.format_bench(result))
   return 0
 
 
