@@ -10,6 +10,7 @@ import sys
 from dhara_jax import compile_cache, distributed
 from dhara_jax.arg_types import non_negative_int, positive_int, positive_ints
 from dhara_jax.errors import DharaError
+from dhara_jax.sampler_options import SAMPLER_KEYS, add_sampler_args, option_flag, sampler_options
 
 
 def _params(args: argparse.Namespace) -> int:
@@ -139,9 +140,8 @@ def _generate(args: argparse.Namespace) -> int:
   from dhara_jax.sampling import Sampling
 
   sampling = Sampling(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                      top_k=args.top_k, top_p=args.top_p, steps=args.steps,
-                      block_length=args.block_length, remasking=args.remasking,
-                      threshold=args.threshold, cache=args.cache, seed=args.seed)
+                      top_k=args.top_k, top_p=args.top_p, seed=args.seed,
+                      **sampler_options(args))
   texts = generate.read_prompts(args.prompt, args.prompt_file)
   report = generate.generate_from_run(args.run_dir, texts, sampling, args.step, stats=args.stats)
   if distributed.speaks_for_job():
@@ -150,25 +150,22 @@ def _generate(args: argparse.Namespace) -> int:
   return 0
 
 
-DIFFUSION_EVAL_OPTIONS = ("mc_samples", "steps", "block_length", "remasking", "threshold", "cache")
-
-
 def _eval(args: argparse.Namespace) -> int:
   import dataclasses
 
   from dhara_jax.sampling import Sampling
   from eval import harness, report
 
-  given = {k: getattr(args, k) for k in DIFFUSION_EVAL_OPTIONS if getattr(args, k) is not None}
-  sampling = dataclasses.replace(Sampling(), **{k: v for k, v in given.items()
-                                                if k != "mc_samples"})
-  options = harness.Options(mc_samples=given.get("mc_samples", harness.DEFAULT_MC_SAMPLES),
-                            batch_tokens=args.batch_tokens, seed=args.seed, sampling=sampling,
+  given = [k for k in ("mc_samples", *SAMPLER_KEYS) if getattr(args, k) is not None]
+  mc_samples = harness.DEFAULT_MC_SAMPLES if args.mc_samples is None else args.mc_samples
+  options = harness.Options(mc_samples=mc_samples, batch_tokens=args.batch_tokens,
+                            seed=args.seed,
+                            sampling=dataclasses.replace(Sampling(), **sampler_options(args)),
                             progress=not args.no_progress)
   summary = report.evaluate(args.run_dir, args.tasks, limit=args.limit, data_dir=args.data_dir,
                             out=args.out, step=args.step, options=options,
                             gen_kwargs=args.gen_kwargs,
-                            diffusion_options=["--" + k.replace("_", "-") for k in given])
+                            diffusion_options=[option_flag(k) for k in given])
   if distributed.speaks_for_job():
     print(report.table(summary))
     print(f"stored: {args.run_dir}/{report.EVAL_DIR}/ (results.json, samples/, summary.json, "
@@ -186,11 +183,9 @@ def _study(args: argparse.Namespace) -> int:
 
 def _bench_throughput(args: argparse.Namespace) -> int:
   from dhara_jax.benchmarks import throughput
-  from dhara_jax.study.spec import SAMPLER_KEYS
 
-  sampler = {k: getattr(args, k) for k in SAMPLER_KEYS}
   report = throughput.measure(args.run_dir, args.new_tokens, args.batch, args.runs,
-                              args.prompt_tokens, args.step, **sampler)
+                              args.prompt_tokens, args.step, **sampler_options(args))
   if not distributed.speaks_for_job():
     return 0
   if args.out:
@@ -295,16 +290,7 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default)")
   p.add_argument("--top-k", type=int, default=0, help="AR: keep the k most likely (0: all)")
   p.add_argument("--top-p", type=float, default=1.0, help="AR: nucleus mass (1: all)")
-  p.add_argument("--steps", type=int, default=0, help="diffusion: denoising steps in all "
-                 "(0: G, one token per step)")
-  p.add_argument("--block-length", type=int, default=0, help="diffusion: tokens per block "
-                 "(0: the trained block size, else G)")
-  p.add_argument("--remasking", default="low_confidence", metavar="low_confidence|random",
-                 help="diffusion: which masked tokens a step commits")
-  p.add_argument("--threshold", type=float, default=0.0, help="diffusion: τ of threshold "
-                 "decoding (0: off, fixed steps)")
-  p.add_argument("--cache", default="auto", metavar="auto|none|block|approx",
-                 help="diffusion: KV cache (auto: block for block-trained models, else none)")
+  add_sampler_args(p, defaults=True)
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--step", type=non_negative_int, default=None,
                  help="the checkpoint (default: latest)")
@@ -336,16 +322,9 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--mc-samples", type=positive_int, default=None,
                  help="diffusion: Monte-Carlo samples per request (default 128; 1 for "
                  "one-token continuations)")
-  p.add_argument("--steps", type=positive_int, default=None, help="diffusion generation: "
-                 "denoising steps (default: one token per step)")
-  p.add_argument("--block-length", type=positive_int, default=None,
-                 help="diffusion generation: tokens per block")
-  p.add_argument("--remasking", default=None, metavar="low_confidence|random",
-                 help="diffusion generation: which masked tokens a step commits")
-  p.add_argument("--threshold", type=float, default=None,
-                 help="diffusion generation: τ of threshold decoding")
-  p.add_argument("--cache", default=None, metavar="auto|none|block|approx",
-                 help="diffusion generation: KV cache")
+  # None when not given: diffusion options on an AR run are refused, and Sampling's defaults
+  # apply to the others.
+  add_sampler_args(p, defaults=False)
   p.add_argument("--no-progress", action="store_true", help="no progress bars")
   add_launch_args(p)
   p.set_defaults(func=_eval)
@@ -365,12 +344,7 @@ def build_parser() -> argparse.ArgumentParser:
                  "a warm-up call; the median is reported (default 3)")
   p.add_argument("--prompt-tokens", type=positive_int, default=16)
   p.add_argument("--step", type=non_negative_int, default=None)
-  p.add_argument("--steps", type=int, default=None, help="diffusion: denoising steps in all")
-  p.add_argument("--block-length", type=int, default=None, help="diffusion: tokens per block")
-  p.add_argument("--threshold", type=float, default=None, help="diffusion: τ of threshold "
-                 "decoding")
-  p.add_argument("--cache", default=None, metavar="auto|none|block|approx")
-  p.add_argument("--remasking", default=None, metavar="low_confidence|random")
+  add_sampler_args(p, defaults=False)  # None when not given: an AR run refuses them
   p.add_argument("--out", default=None, help="also write the JSON report here")
   p.add_argument("--json", action="store_true")
   add_launch_args(p)
