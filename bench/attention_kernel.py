@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dhara_jax.benchmarking import seconds_per_call
+from dhara_jax.benchmarks.timing import seconds_per_call
 from dhara_jax.kernels import attention, lowering
 from dhara_jax.model.attention import attend
 from dhara_jax.masks import attention_mask

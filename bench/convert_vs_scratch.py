@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 from dhara_jax import config, loop
-from dhara_jax.cli import positive_int
+from dhara_jax.arg_types import positive_int
 from dhara_jax.convert import convert
 from dhara_jax.metrics import read_metrics
 

@@ -15,8 +15,8 @@ import functools
 import jax
 import numpy as np
 
-from dhara_jax.benchmarking import (compare_with_torch, load_benchmark, model_arguments,
-                                    one_document_batch)
+from dhara_jax.benchmarks.train_step import (compare_with_torch, load_benchmark,
+                                             model_arguments, one_document_batch)
 from dhara_jax.config import Config
 from dhara_jax.model import init_params
 from dhara_jax.train import loss_sum

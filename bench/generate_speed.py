@@ -23,7 +23,7 @@ import jax
 import numpy as np
 
 from dhara_jax import config
-from dhara_jax.generation_bench import timed_calls
+from dhara_jax.benchmarks.timing import timed_calls
 from dhara_jax.model import init_params
 from dhara_jax.phases import Phase
 from dhara_jax.sampling import Sampling, generate

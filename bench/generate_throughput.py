@@ -1,6 +1,6 @@
 """Generation throughput: a diffusion run's samplers vs KV-cached AR vs PyTorch, on this machine.
 
-The same as `dhara bench generate` (dhara_jax/generation_bench.py): for each batch size B and
+The same as `dhara bench generate` (dhara_jax/benchmarks/generate.py): for each batch size B and
 number of new tokens G, KV-cached JAX AR decoding of the AR run (the baseline), the diffusion
 samplers over a grid of step counts, thresholds and caches, transformers' generate() on the
 exported AR model and the exported diffusion model's PyTorch generate, each compiled, warmed up

@@ -24,7 +24,7 @@ from data_pipeline.iterator import make_train_iterator
 from data_pipeline.mixture import tokens_per_source
 from data_pipeline.tokenizer import load_tokenizer
 from dhara_jax import config
-from dhara_jax.benchmarking import train_step_seconds
+from dhara_jax.benchmarks.train_step import train_step_seconds
 
 
 def time_pipeline(cfg, tokenizer, tokens: int) -> tuple[float, np.ndarray]:

@@ -20,8 +20,9 @@ import jax
 import numpy as np
 
 from dhara_jax import config
-from dhara_jax.benchmarking import jax_train_step, seconds_per_call
-from dhara_jax.cli import positive_int
+from dhara_jax.arg_types import positive_int
+from dhara_jax.benchmarks.timing import seconds_per_call
+from dhara_jax.benchmarks.train_step import jax_train_step
 from dhara_jax.kernels import attention
 from dhara_jax.metrics import mfu, peak_flops
 from dhara_jax.params import count_params

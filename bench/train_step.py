@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import functools
 
-from dhara_jax.benchmarking import (compare_with_torch, jax_train_step, load_benchmark,
-                                    model_arguments)
+from dhara_jax.benchmarks.train_step import (compare_with_torch, jax_train_step,
+                                             load_benchmark, model_arguments)
 
 
 def main() -> None:

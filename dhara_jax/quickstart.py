@@ -185,7 +185,10 @@ def generation_speed(ar_model: config_lib.ModelConfig, ar_params, model: config_
   """Tokens/s at batch 1 (median of 3 timed calls after a compile and a warm-up) of greedy
   KV-cached AR decoding and of the diffusion settings, each with the speed-up over AR and the
   AR model's perplexity of its output (the judge) and distinct-2-gram rate beside it."""
-  from dhara_jax.generation_bench import distinct_2, judge_perplexity, timed_calls
+  # Imported here, after training: timing.py turns off JAX's GPU memory preallocation for
+  # processes that start their backend after it.
+  from dhara_jax.benchmarks.quality import distinct_2, judge_perplexity
+  from dhara_jax.benchmarks.timing import timed_calls
 
   def measured(m, p, sampling, phase):
     out, _, times, _ = timed_calls(

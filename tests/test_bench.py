@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from dhara_jax.benchmarking import interleaved_seconds
+from dhara_jax.benchmarks.timing import interleaved_seconds
 
 ROOT = Path(__file__).resolve().parent.parent
 

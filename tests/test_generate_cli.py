@@ -8,7 +8,9 @@ import math
 import numpy as np
 import pytest
 
-from dhara_jax import generation_bench as gb
+from dhara_jax.benchmarks import generate as bench
+from dhara_jax.benchmarks import quality
+from dhara_jax.benchmarks import report as bench_report
 from dhara_jax.cli import main
 from dhara_jax.convert import RECORD, convert
 from dhara_jax.errors import DharaError
@@ -58,7 +60,7 @@ def _dhara(capsys, *argv):
 def test_the_conversion_fixture_is_block_diffusion_at_8(diffusion_run, ar_run):
   with open_run(diffusion_run) as run:
     assert run.phase == Phase("block", 8)
-  assert gb.ar_run_of(diffusion_run, None) == ar_run.resolve()
+  assert bench.ar_run_of(diffusion_run, None) == ar_run.resolve()
 
 
 @pytest.mark.parametrize("which", ["ar", "diffusion"])
@@ -159,23 +161,23 @@ def test_non_finite_temperatures_bad_seeds_and_nul_prompts_are_one_line(ar_run, 
 def test_bench_settings_follow_the_block_size_and_say_what_they_skip():
   from dhara_jax.sampling import Sampling
 
-  assert gb.block_length_for(Phase("block", 32), 128) == 32
+  assert bench.block_length_for(Phase("block", 32), 128) == 32
   # 25 is the largest divisor of 100 ≤ 32, but 50, 25 and 10 steps split evenly over 5 blocks
-  assert gb.block_length_for(Phase("block", 32), 100) == 20
-  assert gb.block_length_for(Phase("block", 32), 96) == 32  # 96, 48, 24 over 3 blocks
-  assert gb.block_length_for(Phase("mdm"), 100) == 100  # one block: trained over whole rows
-  settings = {s.label: s for s in gb.grid_settings(Phase("block", 32), 100)}
+  assert bench.block_length_for(Phase("block", 32), 100) == 20
+  assert bench.block_length_for(Phase("block", 32), 96) == 32  # 96, 48, 24 over 3 blocks
+  assert bench.block_length_for(Phase("mdm"), 100) == 100  # one block: trained over whole rows
+  settings = {s.label: s for s in bench.grid_settings(Phase("block", 32), 100)}
   assert settings["jax-ar kv-cache"].sampling == Sampling(max_new_tokens=100)
   assert not any(s.skip for s in settings.values())
   assert settings["jax-diffusion steps=G (100) cache=none"].sampling.cache == "none"
   assert settings["jax-diffusion τ=0.7"].sampling.threshold == 0.7
   assert all(s.sampling.block_length == 20 for s in settings.values() if s.family != "ar")
   # G = 40, trained 8: no block ≤ 8 splits 4 steps (G/10) evenly; the default 8 skips them
-  uneven = {s.label: s for s in gb.grid_settings(Phase("block", 8), 40)}
+  uneven = {s.label: s for s in bench.grid_settings(Phase("block", 8), 40)}
   assert uneven["jax-diffusion steps=G/10 (4)"].skip == ("4 steps do not split evenly over 5 "
                                                          "blocks of 8")
   assert not uneven["jax-diffusion steps=G/4 (10)"].skip
-  mdm = {s.label: s for s in gb.grid_settings(Phase("mdm"), 16)}
+  mdm = {s.label: s for s in bench.grid_settings(Phase("mdm"), 16)}
   assert mdm["jax-diffusion steps=G/10"].skip == "G/10 = 1.6 is not a whole number of steps"
   assert mdm["jax-diffusion steps=G (16) cache=approx"].sampling.cache == "approx"
   assert not mdm["jax-diffusion steps=G/4 (4)"].skip
@@ -194,25 +196,25 @@ def test_judge_perplexity_scores_only_the_generated_tokens(ar_run):
     logz = np.log(np.exp(logits).sum(-1))
     logp += [logits[t - 1, row[0, t]] - logz[t - 1] for t in range(len(prompt), row.shape[1])]
   expected = float(np.exp(-np.mean(logp)))
-  got = gb.judge_perplexity(cfg.model, params, prompts, outputs, width=8)
+  got = quality.judge_perplexity(cfg.model, params, prompts, outputs, width=8)
   assert math.isclose(got, expected, rel_tol=1e-4)
-  assert gb.judge_perplexity(cfg.model, params, prompts, [[], []], width=8) is None
+  assert quality.judge_perplexity(cfg.model, params, prompts, [[], []], width=8) is None
 
 
 def test_distinct_2_pools_the_rows():
-  assert gb.distinct_2([[1, 2, 1, 2], [1, 2]]) == 2 / 4  # (1,2) ×3, (2,1) ×1
-  assert gb.distinct_2([[1], []]) is None
+  assert quality.distinct_2([[1, 2, 1, 2], [1, 2]]) == 2 / 4  # (1,2) ×3, (2,1) ×1
+  assert quality.distinct_2([[1], []]) is None
 
 
 def test_the_ar_run_comes_from_the_conversion_record(tmp_path):
   with pytest.raises(DharaError, match="no conversion.json.*pass --ar-run"):
-    gb.ar_run_of(tmp_path, None)
-  assert gb.ar_run_of(tmp_path, "elsewhere").name == "elsewhere"
+    bench.ar_run_of(tmp_path, None)
+  assert bench.ar_run_of(tmp_path, "elsewhere").name == "elsewhere"
   (tmp_path / RECORD).write_text(json.dumps({"ar_run": "/runs/ar"}))
-  assert str(gb.ar_run_of(tmp_path, None)) == "/runs/ar"
+  assert str(bench.ar_run_of(tmp_path, None)) == "/runs/ar"
   (tmp_path / RECORD).write_text("{")
   with pytest.raises(DharaError, match="unreadable"):
-    gb.ar_run_of(tmp_path, None)
+    bench.ar_run_of(tmp_path, None)
 
 
 def _row(B, setting, tps, family="diffusion", ppl=10.0, steps=100, threshold=0.0,
@@ -231,14 +233,15 @@ def test_speedups_quality_and_where_ar_overtakes():
           _row(8, "jax-ar kv-cache", 800.0, "ar"), _row(8, "one per step", 300.0),
           _row(8, "fast", 790.0, ppl=10.0, steps=25),
           _row(8, "fast but bad", 2000.0, ppl=12.0, steps=10)]
-  gb._compare(rows)
+  bench_report.compare(rows)
   assert rows[2]["within_quality"] is False and rows[3]["within_quality"] is True
   assert rows[3]["speedup_vs_ar"] == 6.0 and rows[3]["ref_judge_ppl"] == 10.0
-  assert gb.ar_overtakes(rows) == {"100": 8}  # the bad setting is faster, but does not count
-  h = gb.headline(rows)
+  # the bad setting is faster, but does not count
+  assert bench_report.ar_overtakes(rows) == {"100": 8}
+  h = bench_report.headline(rows)
   assert (h["B"], h["G"], h["diffusion_setting"], h["speedup_vs_ar"]) == (1, 100, "fast", 6.0)
   assert h["speedup_met"] and h["ar_vs_hf"] is None and not h["note"]
-  assert gb.ar_overtakes(rows[:4]) == {"100": "not within the measured batches"}
+  assert bench_report.ar_overtakes(rows[:4]) == {"100": "not within the measured batches"}
 
 
 @pytest.mark.slow
@@ -282,7 +285,7 @@ def test_bench_quick_gives_rows_and_a_headline(diffusion_run, capsys):
   assert report["cut"] and "--quick" in report["cut"][0]
   # The table (what the command prints without --json): one line per row, then the
   # overtaking batch and the headline.
-  lines = gb.format_bench(report).splitlines()
+  lines = bench_report.format_bench(report).splitlines()
   assert sum(line.startswith("  1   16  ") for line in lines) == len(rows)
   assert any(line.startswith("AR overtakes diffusion at G=16: ") for line in lines)
   assert sum(line.startswith("headline (B=1, G=16") for line in lines) == 2

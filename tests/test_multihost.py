@@ -18,7 +18,7 @@ import pytest
 from dhara_jax import config, loop
 from dhara_jax.cli import main
 from dhara_jax.convert import convert
-from dhara_jax.generation_bench import generate_from_run
+from dhara_jax.generate import generate_from_run
 from dhara_jax.metrics import read_metrics
 from dhara_jax.sampling import Sampling
 from eval import report

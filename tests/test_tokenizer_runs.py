@@ -14,7 +14,7 @@ from data_pipeline.tokenizer import load_tokenizer
 from dhara_jax import loop, runs
 from dhara_jax.checkpoint import Checkpointer
 from dhara_jax.config import MeshConfig
-from dhara_jax.generation_bench import generate_from_run
+from dhara_jax.generate import generate_from_run
 from dhara_jax.sampling import Sampling
 from dhara_jax.sharding import make_mesh
 from eval import registry

@@ -1,4 +1,5 @@
-"""What a sampler is asked to do (`Sampling`) and what it gives back (`Generation`)."""
+"""What a sampler is asked to do (`Sampling`) and what it gives back (`Generation`, and its
+tokens per forward pass)."""
 
 from __future__ import annotations
 
@@ -50,6 +51,11 @@ class Generation:
   tokens: list[list[int]]  # per prompt: the new tokens, up to (not including) the first EOS
   forwards: int  # model forward passes over the batch (prefill, steps and block commits)
   finished: list[bool]  # per prompt: whether it reached EOS
+
+
+def tokens_per_forward(new_tokens: int, batch: int, forwards: int) -> float:
+  """New tokens per row (mean over the batch) per forward pass over the batch: 1 for AR."""
+  return new_tokens / batch / forwards if forwards else 0.0
 
 
 def check_sampling(s: Sampling) -> None:

@@ -22,6 +22,7 @@ from typing import Callable
 import yaml
 
 from dhara_jax.errors import DharaError
+from dhara_jax.sampler_options import option_flag
 from dhara_jax.study.spec import Cell, Study
 
 CELLS = "cells"
@@ -61,7 +62,7 @@ def steps(study: Study, out: Path, cell: Cell) -> list[tuple[str, list[str]]]:
            str(t.batch), "--runs", str(t.runs), "--prompt-tokens", str(t.prompt_tokens),
            "--out", str(throughput_file(out, cell))]
   if cell.diffusion:
-    speed += [f"--{k.replace('_', '-')}={v}" for k, v in t.diffusion]
+    speed += [f"{option_flag(k)}={v}" for k, v in t.diffusion]
   return [first, ("eval", evaluate), ("throughput", speed)]
 
 

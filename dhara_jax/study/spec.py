@@ -27,10 +27,10 @@ from typing import Any, Mapping
 
 from dhara_jax import config as config_lib
 from dhara_jax.errors import ConfigError, DharaError
+from dhara_jax.sampler_options import SAMPLER_KEYS
 
 TABLES = ("shapes", "families")
 SETUP_STEPS = ("tokenizer", "data")
-SAMPLER_KEYS = ("steps", "block_length", "threshold", "cache", "remasking")
 
 
 @dataclasses.dataclass(frozen=True)

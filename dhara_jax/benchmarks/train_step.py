@@ -1,48 +1,27 @@
-"""Timing helpers shared by the scripts in bench/ (compile once, warm up, block, time), and the
-PyTorch peer they are compared against (imported lazily: only the benchmarks need torch).
-
-A comparison runs each side in its own process and lets them take turns: in one process each
-side's idle thread pools and heap slow the other down (torch's bf16 step measured 2.4 s alone
-and 2.6–2.9 s after JAX steps in the same process here)."""
+"""A dhara-jax train step as a zero-argument call, the same step in transformers, and their
+side-by-side comparison: the flags and setup of bench/train_step.py and
+bench/forward_backward_vs_torch.py (the PyTorch peer is imported lazily: only they need torch),
+and the step bench/train_mfu.py and bench/input_pipeline.py time."""
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import functools
-import multiprocessing
 import os
-import resource
 import tempfile
-import time
-import traceback
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable
 
-# Benchmark processes share one accelerator: JAX must not grab 75% of its memory when it
-# starts a backend (which it does lazily, after these imports).
-os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
-
-import jax  # noqa: E402
-import numpy as np  # noqa: E402
+import jax
+import numpy as np
 
 from dhara_jax import config
-from dhara_jax.cli import positive_int
+from dhara_jax.arg_types import positive_int
+from dhara_jax.benchmarks.timing import Round, interleaved_seconds, seconds_per_call
 from dhara_jax.config import Config, MeshConfig
 from dhara_jax.export import export_hf
 from dhara_jax.model import init_params
 from dhara_jax.sharding import make_mesh
 from dhara_jax.train import build, init_state, make_train_step
-
-
-def seconds_per_call(fn: Callable[[], Any], steps: int, warmup: int = 1) -> float:
-  """Mean wall time of fn() over `steps` calls after `warmup` calls; waits for JAX outputs."""
-  for _ in range(warmup):
-    jax.block_until_ready(fn())
-  start = time.perf_counter()
-  for _ in range(steps):
-    out = fn()
-  jax.block_until_ready(out)
-  return (time.perf_counter() - start) / steps
 
 
 def one_document_batch(tokens_BxL: np.ndarray) -> dict[str, np.ndarray]:
@@ -72,70 +51,6 @@ def train_step_seconds(cfg: Config, tokens_BxL: np.ndarray, steps: int,
                        mesh: MeshConfig = MeshConfig(1, 1, 1)) -> float:
   """Seconds per full dhara-jax train step on one batch."""
   return seconds_per_call(jax_train_step(cfg, tokens_BxL, mesh), steps)
-
-
-class Round(NamedTuple):
-  """One round of one side, per call: wall seconds, and its process's CPU seconds in user and
-  kernel mode and page faults (kernel time on CPU is mostly zeroing freshly mapped pages)."""
-  seconds: float
-  user: float
-  system: float
-  page_faults: float
-
-
-def interleaved_seconds(sides: dict[str, Callable[[], Callable[[], Any]]], steps: int,
-                        rounds: int) -> dict[str, list[Round]]:
-  """Per-call timings of each side, per round. Each side is built by its (picklable) maker in
-  a process of its own and warmed up; then the sides take turns, `steps` calls each per round,
-  so a burst of outside load on a shared machine slows both sides' rounds alike."""
-  context = multiprocessing.get_context("spawn")  # a fork would inherit JAX's threads
-  workers = {}
-  for name, make in sides.items():
-    pipe, child_pipe = context.Pipe()
-    process = context.Process(target=_timing_worker, args=(make, steps, child_pipe), daemon=True)
-    process.start()
-    workers[name] = (process, pipe)
-  try:
-    for name in workers:
-      _receive(name, workers[name])  # warmed up
-    times = {name: [] for name in workers}
-    for _ in range(rounds):
-      for name, (_, pipe) in workers.items():
-        pipe.send("time")
-        times[name].append(_receive(name, workers[name]))
-    return times
-  finally:
-    for process, pipe in workers.values():
-      with contextlib.suppress(OSError):  # a side that already exited has closed its end
-        pipe.send("stop")
-      process.join(timeout=30)
-
-
-def _receive(name: str, worker: tuple[Any, Any]) -> Any:
-  process, pipe = worker
-  while not pipe.poll(1.0):
-    if not process.is_alive():
-      raise RuntimeError(f"benchmark side {name!r} exited with code {process.exitcode}")
-  status, value = pipe.recv()
-  if status == "error":
-    raise RuntimeError(f"benchmark side {name!r} failed: {value}")
-  return value
-
-
-def _timing_worker(make: Callable[[], Callable[[], Any]], steps: int, pipe: Any) -> None:
-  try:
-    fn = make()
-    jax.block_until_ready(fn())
-    pipe.send(("ready", None))
-    while pipe.recv() == "time":
-      before = resource.getrusage(resource.RUSAGE_SELF)
-      seconds = seconds_per_call(fn, steps, warmup=0)
-      after = resource.getrusage(resource.RUSAGE_SELF)
-      pipe.send(("round", Round(seconds, (after.ru_utime - before.ru_utime) / steps,
-                                (after.ru_stime - before.ru_stime) / steps,
-                                (after.ru_minflt - before.ru_minflt) / steps)))
-  except Exception:  # the parent reports it; the traceback's last line says what failed
-    pipe.send(("error", traceback.format_exc().strip().splitlines()[-1]))
 
 
 def model_arguments(description: str) -> argparse.ArgumentParser:

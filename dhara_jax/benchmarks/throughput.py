@@ -14,18 +14,19 @@ import statistics
 from pathlib import Path
 from typing import Any
 
+import jax
+
+from data_pipeline.files import write_whole
+from dhara_jax.benchmarks.prompts import bench_prompts
+from dhara_jax.benchmarks.timing import timed_calls
 from dhara_jax.errors import DharaError
+from dhara_jax.runs import load_run
+from dhara_jax.sampling import Sampling, check_sampling, generate, tokens_per_forward
 
 
 def measure(run_dir: str | Path, new_tokens: int = 100, batch: int = 1, runs: int = 3,
             prompt_tokens: int = 16, step: int | None = None, **sampler: Any) -> dict:
   """tokens/s = B × G / median seconds of a call, with forwards and tokens per forward."""
-  import jax
-
-  from dhara_jax.generation_bench import bench_prompts, timed_calls, tokens_per_forward
-  from dhara_jax.runs import load_run
-  from dhara_jax.sampling import Sampling, check_sampling, generate
-
   sampling = Sampling(max_new_tokens=new_tokens, **{k: v for k, v in sampler.items()
                                                     if v is not None})
   check_sampling(sampling)
@@ -53,8 +54,6 @@ def measure(run_dir: str | Path, new_tokens: int = 100, batch: int = 1, runs: in
 
 
 def write(report: dict, out: str | Path) -> None:
-  from data_pipeline.files import write_whole
-
   write_whole(out, json.dumps(report, indent=2) + "\n", "throughput")
 
 
