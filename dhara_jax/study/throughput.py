@@ -53,7 +53,7 @@ def measure(run_dir: str | Path, new_tokens: int = 100, batch: int = 1, runs: in
 
 
 def write(report: dict, out: str | Path) -> None:
-  from data_pipeline.files import write_whole
+  from dhara_jax.files import write_whole
 
   write_whole(out, json.dumps(report, indent=2) + "\n", "throughput")
 
