@@ -155,10 +155,10 @@ def ar_loss(hidden_BxLxD: jax.Array, head: Head, tokens_BxL: jax.Array,
 
 
 # ---------------------------------------------------------------------------------------------
-# Masked diffusion (REFERENCES §3, §4). One label alignment for the whole project: the AR
-# shift. The hidden state at position i predicts the clean token at i + 1 (as Dream and
-# Fast-dLLM v2 do), so a converted AR model keeps its head's meaning; a document's first token
-# has no predictor inside its document and is never masked.
+# Masked diffusion (LLaDA, MDLM) and block diffusion (BD3-LMs, LLaDA 2.0). One label alignment
+# for the whole project: the AR shift. The hidden state at position i predicts the clean token at
+# i + 1 (as Dream and Fast-dLLM v2 do), so a converted AR model keeps its head's meaning; a
+# document's first token has no predictor inside its document and is never masked.
 
 
 class MaskDraws(NamedTuple):
