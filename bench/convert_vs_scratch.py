@@ -1,5 +1,6 @@
 """The 10× claim at quickstart scale: a diffusion model converted from AR with a tenth of the
-tokens vs one trained from scratch (Dhara-70M's recipe against dLLM-Canon, REFERENCES §1.4-1.5).
+tokens vs one trained from scratch (Dhara-70M's recipe against dLLM-Canon, as in
+huggingface.co/blog/codelion/optimal-model-architecture).
 
 On the shipped text, the same LLaMA3-Canon architecture is trained
   (a) as a masked-diffusion model from scratch (`dllm_canon`-style: bidirectional, mdm) on N tokens,

@@ -27,10 +27,10 @@ import numpy as np
 from tqdm import tqdm
 
 from data_pipeline.config import DataConfig
-from data_pipeline.files import atomic_write, temp_beside
 from data_pipeline.sources import ReadStats, Unit, open_source
 from data_pipeline.tokenizer import Tokenizer
 from dhara_jax.errors import ConfigError, DharaError
+from dhara_jax.files import atomic_write, temp_beside
 
 VERSION = 1
 ENCODE_DOCS = 64  # documents per batched tokenizer call

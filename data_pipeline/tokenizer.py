@@ -21,10 +21,10 @@ from typing import TYPE_CHECKING, Iterable
 import numpy as np
 
 from data_pipeline.config import resolve_input
-from data_pipeline.files import atomic_write
 from data_pipeline.hf_backend import CONFIG_FILE, ROLES, HFTokenizersBackend
 from data_pipeline.sentencepiece_backend import SentencePieceBackend
 from dhara_jax.errors import ConfigError, DharaError
+from dhara_jax.files import atomic_write
 
 if TYPE_CHECKING:
   from dhara_jax.config import ModelConfig

@@ -20,11 +20,11 @@ import numpy as np
 import sentencepiece as spm
 
 from data_pipeline.config import DataConfig
-from data_pipeline.files import atomic_write
 from data_pipeline.sentencepiece_backend import MASK_PIECE
 from data_pipeline.sources import ReadStats, open_source
 from data_pipeline.tokenizer import Tokenizer
 from dhara_jax.errors import ConfigError, DharaError
+from dhara_jax.files import atomic_write
 
 if TYPE_CHECKING:
   from dhara_jax.config import ModelConfig

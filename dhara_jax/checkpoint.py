@@ -6,24 +6,24 @@ asynchronously where the manager allows it; a step directory appears only once c
 run killed mid-save resumes from the previous checkpoint. A save that fails (a full disk, a
 bucket that refuses writes) is one line naming the step, with its partial directory removed
 and the earlier steps untouched; an async save's failure surfaces at the next save or wait.
+What orbax itself prints around such a failure is dropped only while dhara's orbax calls run, a
+pending save included (orbax_quiet.py).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import errno
 import functools
 import json
-import logging
 import os
 import re
 import socket
-import sys
 import threading
 import time
-import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, TypeVar
 
 import grain
 import jax
@@ -31,10 +31,12 @@ import orbax.checkpoint as ocp
 from etils import epath
 
 from dhara_jax.errors import DharaError
+from dhara_jax.orbax_quiet import quiet, quiet_from_now
 
 
 ORBAX_MARKERS = ("commit_success.txt",)
 SCORE = "diffusion_loss"  # the metric a checkpoint may be saved with, lower is better
+T = TypeVar("T")
 
 
 class FileHandler(ocp.CheckpointHandler):
@@ -103,6 +105,7 @@ class Checkpointer:
     > 0 also keeps the `best` checkpoints saved with the lowest `SCORE` metric (a
     conversion's top-k decay checkpoints) beside the `keep` latest."""
     self.directory = checkpoint_directory(run_dir, directory)
+    self.async_save = async_save
     policy = ocp.checkpoint_managers
     preservation = policy.LatestN(keep)
     if best:
@@ -113,12 +116,11 @@ class Checkpointer:
     options = ocp.CheckpointManagerOptions(
         preservation_policy=preservation, create=create, enable_async_checkpointing=async_save,
         best_fn=(lambda m: m[SCORE]) if best else None, best_mode="min")
-    if best:
-      _quiet_unscored_saves()
-    _quiet_failed_saves()
-    _silence_abandoned_reads()  # a failed save abandons tensorstore's other writes the same way
     self.manager = ocp.CheckpointManager(self.directory, options=options)
     self._pending: int | None = None  # the step whose (async) save may still be writing
+    # Orbax's noise stays dropped until a pending save is finished: it logs a background
+    # save's failure from its own thread.
+    self._saving = contextlib.ExitStack()
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
@@ -133,11 +135,14 @@ class Checkpointer:
     if tokenizer is not None:
       items["tokenizer"] = FileSave(tokenizer.files)
     self.wait()  # the manager would wait too, but blame a failure on this step, not the pending
+    self._saving.enter_context(quiet())
     try:
-      self.manager.save(step, args=ocp.args.Composite(**items), force=True,
-                        metrics=None if score is None else {SCORE: score})
-    except Exception as e:  # orbax, tensorstore and file errors alike
-      raise self._save_failed(step, e) from None
+      self._orbax(lambda: self.manager.save(step, args=ocp.args.Composite(**items), force=True,
+                                            metrics=None if score is None else {SCORE: score}),
+                  functools.partial(self._save_failed, step))
+    finally:
+      if not self.async_save:  # nothing goes on in the background
+        self._saving.close()
     self._pending = step
 
   def scores(self) -> dict[int, float]:
@@ -177,22 +182,35 @@ class Checkpointer:
     step_dir = self.directory / str(step)
     if not step_dir.exists():
       raise DharaError(f"checkpoint: no step {step} in {self.directory}")
-    _silence_abandoned_reads()  # before: a read can be abandoned while the error propagates
+    with quiet():
+      return self._orbax(lambda: self.manager.restore(step, args=ocp.args.Composite(**items)),
+                         functools.partial(self._restore_failed, step))
+
+  def _restore_failed(self, step: int, error: Exception) -> DharaError:
+    """The one-line report of a failed restore of `step`."""
+    step_dir = self.directory / str(step)
+    differing = _differing_entries(error)
+    if differing:
+      return DharaError(f"checkpoint: {step_dir} holds a train state with other entries "
+                        f"({', '.join(differing[:3])}): it was written by another version of "
+                        "dhara-jax")
+    earlier = [s for s in self.manager.all_steps() if s < step]
+    advice = (f"move it aside to use an earlier checkpoint (step {max(earlier)})" if earlier
+              else f"there is no earlier checkpoint in {self.directory} to use instead")
+    return DharaError(f"checkpoint: {step_dir} is unreadable ({_root_cause(error)}); {advice}")
+
+  @staticmethod
+  def _orbax(call: Callable[[], T], failed: Callable[[Exception], DharaError]) -> T:
+    """`call()`, an orbax call made inside `quiet()`; its error (orbax's, tensorstore's, a
+    file's) is `failed`'s one line, and what the call abandoned stays quiet when it reports
+    itself later (at exit, say)."""
     try:
-      return self.manager.restore(step, args=ocp.args.Composite(**items))
+      return call()
     except DharaError:
       raise
-    except Exception as e:  # orbax, tensorstore and file errors alike
-      differing = _differing_entries(e)
-      if differing:
-        raise DharaError(f"checkpoint: {step_dir} holds a train state with other entries "
-                         f"({', '.join(differing[:3])}): it was written by another version of "
-                         "dhara-jax") from None
-      earlier = [s for s in self.manager.all_steps() if s < step]
-      advice = (f"move it aside to use an earlier checkpoint (step {max(earlier)})" if earlier
-                else f"there is no earlier checkpoint in {self.directory} to use instead")
-      raise DharaError(f"checkpoint: {step_dir} is unreadable ({_root_cause(e)}); "
-                       f"{advice}") from None
+    except Exception as e:
+      quiet_from_now()
+      raise failed(e) from None
 
   def wait(self) -> None:
     """Waits for the pending async save; its failure is one line naming its step."""
@@ -201,12 +219,10 @@ class Checkpointer:
   def close(self) -> None:
     self._finish(self.manager.close)  # close waits for the pending save too
 
-  def _finish(self, call: Any) -> None:
+  def _finish(self, call: Callable[[], None]) -> None:
     step, self._pending = self._pending, None  # reported once, as the manager raises it once
-    try:
-      call()
-    except Exception as e:
-      raise self._save_failed(step, e) from None
+    with quiet(), self._saving:  # the pending save is over after this, finished or failed
+      self._orbax(call, functools.partial(self._save_failed, step))
 
   def _save_failed(self, step: int | None, error: Exception) -> DharaError:
     """The one-line report of a failed save of `step`, after removing what it left."""
@@ -338,55 +354,3 @@ def _differing_entries(error: Exception) -> list[str]:
   if not lines or "tree structures do not match" not in lines[0]:
     return []
   return [line.rstrip(":") for line in lines[1:] if line.endswith(":") and line[:1].strip()]
-
-
-@functools.cache  # once per process: each failed restore would otherwise stack another filter
-def _silence_abandoned_reads() -> None:
-  """After a failed restore, orbax has closed its event loop while tensorstore still finishes
-  the other reads; each then reports 'Event loop is closed' as an unraisable exception, and
-  their failed futures are logged as never retrieved when collected, and each orbax read (or
-  write, after a failed save) coroutine never resumed raises when closed at collection (orbax
-  turns GeneratorExit into an Exception; at exit, imports fail): a screenful of tracebacks
-  under our one-line error. Drop exactly those. Installed before the first restore or save,
-  since the first abandoned read can complete before the restore's exception reaches us."""
-  logging.getLogger("asyncio").addFilter(
-      lambda record: "exception was never retrieved" not in record.getMessage())
-  previous = sys.unraisablehook
-
-  def hook(unraisable):
-    error, code = unraisable.exc_value, getattr(unraisable.object, "cr_code", None)
-    if not ((isinstance(error, RuntimeError) and str(error) == "Event loop is closed")
-            or (code is not None and f"{os.sep}orbax{os.sep}" in code.co_filename)):
-      previous(unraisable)
-
-  sys.unraisablehook = hook
-
-
-# Where orbax logs a failed save's traceback before storing the exception for the caller (our
-# save or wait), which reports it in one line: (module, function).
-_SAVE_ERROR_LOG_SITES = {("future", "run"), ("async_checkpointer", "_thread_func"),
-                         ("checkpoint_manager", "wait_until_finished"),
-                         ("checkpoint_manager", "_finalize_checkpoint"),
-                         ("checkpoint", "_write_and_log"), ("checkpoint", "_update_and_log")}
-
-
-@functools.cache  # once per process, like _silence_abandoned_reads
-def _quiet_failed_saves() -> None:
-  """Drops orbax's logged tracebacks of a failed save (four or more per failure, hundreds of
-  lines): the exception itself reaches Checkpointer.save/wait, which reports it in one line.
-  Also the warnings at exit about the other items' writes, which a save that failed while it
-  blocked (a file item) had created but never started."""
-  def keep(record: logging.LogRecord) -> bool:
-    return not (record.exc_info and "orbax" in record.pathname
-                and (record.module, record.funcName) in _SAVE_ERROR_LOG_SITES)
-
-  logging.getLogger("absl").addFilter(keep)
-  warnings.filterwarnings("ignore", r"coroutine '\w*CheckpointHandler\.async_save' was never "
-                          "awaited", RuntimeWarning)
-
-
-@functools.cache
-def _quiet_unscored_saves() -> None:
-  """With `best`, orbax warns at every save without metrics; most saves have none on purpose."""
-  logging.getLogger("absl").addFilter(
-      lambda record: "did not provide metrics" not in record.getMessage())

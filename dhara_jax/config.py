@@ -78,7 +78,7 @@ class ModelConfig:
   embed_scale: bool = False  # multiply token embeddings by sqrt(d_model) (Gemma)
   final_logit_softcap: float = 0.0  # 0: off
   init_std: float = 0.02
-  # Masked diffusion (REFERENCES §3): the absorbing mask token (-1: the tokenizer's <mask>,
+  # Masked diffusion (LLaDA, MDLM): the absorbing mask token (-1: the tokenizer's <mask>,
   # filled in when training starts) and the floor of the masking probability,
   # p = (1 - eps)·t + eps. Exported with the model (`mask_token_id`, `mask_epsilon`).
   mask_token_id: int = -1
@@ -164,7 +164,7 @@ OBJECTIVES = ("ar", "mdm", "block")
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
-  """Optimisation and run control. Defaults follow codelion/gpt-2-70m (REFERENCES §1.2):
+  """Optimisation and run control. Defaults follow codelion/gpt-2-70m's card:
   AdamW, 5e-4 → 5e-5 cosine with 2% warmup."""
 
   # ar: next-token loss, causal. mdm: masked diffusion (LLaDA/MDLM) over the whole row,
@@ -230,7 +230,7 @@ class TrainConfig:
 @dataclasses.dataclass(frozen=True)
 class ConvertConfig:
   """`dhara convert`: AR → masked diffusion by Warmup-Stable-Decay over the block size
-  (LLaDA 2.0, REFERENCES §4). Warmup climbs the block ladder from the AR model (block 1),
+  (LLaDA 2.0's recipe). Warmup climbs the block ladder from the AR model (block 1),
   stable trains `mdm` over the whole row, decay steps back down; each stage's share of the
   token budget is split evenly over its block sizes."""
 

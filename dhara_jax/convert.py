@@ -1,4 +1,4 @@
-"""`dhara convert`: an AR run → a masked-diffusion model (Dhara-70M's recipe, REFERENCES §4).
+"""`dhara convert`: an AR run → a masked-diffusion model (Dhara-70M's recipe, LLaDA 2.0's WSD).
 
 The conversion is a plan over the ordinary training loop (loop.run), not a second loop: the
 AR model is block diffusion with block size 1, so warmup climbs the block ladder (1 → 4 → 32 →

@@ -48,7 +48,7 @@ PROMPT = "The history of science"
 SAMPLE = Sampling(max_new_tokens=48, temperature=0.7, top_k=40)
 # Step 6: G new tokens at batch 1; diffusion at one token per step, by threshold, and four tokens
 # per step in blocks of four (the cheapest forward on a CPU, where a step's cost grows with its
-# block; see README "Generation").
+# block; see docs/generation.md, "Targets, as measured").
 GENERATED = 64
 DIFFUSION_SETTINGS = {"steps=G": {"steps": GENERATED}, "τ=0.7": {"threshold": 0.7},
                       "4/step, block 4": {"steps": GENERATED // 4, "block_length": 4}}

@@ -18,10 +18,10 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from dhara_jax import losses
+from dhara_jax import objectives
 from dhara_jax.config import Config
-from dhara_jax.losses import add_draws
 from dhara_jax.model import init_params, param_shardings
+from dhara_jax.objectives import add_draws
 from dhara_jax.optim import learning_rate, optimizer
 from dhara_jax.phases import Phase, run_phase
 from dhara_jax.sharding import axis_rules, batch_shards, batch_sharding
@@ -68,8 +68,8 @@ def loss_sum(cfg: Config, params: Any, batch: Batch, batch_shards: int = 1,
              phase: Phase | None = None, noise_rng: jax.Array | None = None
              ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
   """(loss sum + aux, (loss sum, token count)) for one microbatch spread over `batch_shards`
-  devices (the batch carries its diffusion masks: `losses.add_draws`)."""
-  total, count, aux = losses.loss_sum(cfg, phase or run_phase(cfg), params, batch,
+  devices (the batch carries its diffusion masks: `objectives.add_draws`)."""
+  total, count, aux = objectives.loss_sum(cfg, phase or run_phase(cfg), params, batch,
                                       batch_shards, noise_rng)
   # The auxiliary (MoE balance) loss is per microbatch; weight it by the tokens it saw so that
   # the final division by the batch's token count leaves it at its configured weight.

@@ -2,8 +2,7 @@
 
 lm-eval's task configs name Hub datasets (`dataset_path`, `dataset_name`, splits). Evaluation runs
 offline, so `load_local` builds the `datasets.DatasetDict` lm-eval would have downloaded from
-local jsonl files laid out like the project's full data copy (`../shared/data`) or the shipped
-slice (`data/eval`):
+local jsonl files laid out like the shipped slice (`data/eval`), or a full copy in the same layout:
 
   <data_dir>/<folder>/<file>.jsonl      folder = HUB_DATASETS[dataset_path]
 

@@ -8,9 +8,9 @@ averaged over `mc_samples` draws. The l are stratified: sample k takes
 l = ⌊(k + u) / n · T⌋ + 1 with one u ~ U(0, 1) per request, so the n draws cover {1..T} evenly and
 each is marginally uniform (the average stays unbiased). A one-token continuation has a single
 possible mask and is exact with one sample. Draws are seeded by the request's tokens: a request
-scores the same in any batch. Labels are aligned as the model was trained (objectives.py):
+scores the same in any batch. Labels are aligned as the model was trained (losses.py):
 position j − 1 predicts token j; a block-diffusion model reads the predictor of each block's
-first token from the clean stream (objectives.block_predictors).
+first token from the clean stream (losses.block_predictors).
 """
 
 from __future__ import annotations
@@ -151,7 +151,7 @@ def predictor_hidden(cfg: ModelConfig, block: int, params: Any, x0_BxL: jax.Arra
   """The hidden state that predicts each next token (position j predicts token j + 1), B×L×D,
   with the masked tokens of x_0 replaced by the mask token."""
   from dhara_jax.model import forward_hidden
-  from dhara_jax.objectives import block_predictors
+  from dhara_jax.losses import block_predictors
 
   xt_BxL = jnp.where(masked_BxL, cfg.mask_token_id, x0_BxL)
   if block:

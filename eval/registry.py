@@ -3,7 +3,7 @@
 Tasks are lm-eval's own configs (prompts, preprocessing, few-shot sampling, metrics): this
 module only adds `tasks/` as an include path (the `codelion` group: the study's 7 benchmarks at
 its shot counts) and, unless the data comes from the Hub, points every task whose dataset we
-hold locally at files in the layout of ../shared/data (eval/data.py) through lm-eval's
+hold locally at files in the layout of data/eval (eval/data.py) through lm-eval's
 `custom_dataset` hook.
 """
 

@@ -19,8 +19,8 @@ from typing import Any, Sequence
 
 import jax
 
-from data_pipeline.files import check_writable
 from dhara_jax.errors import DharaError
+from dhara_jax.files import check_writable, write_whole
 from dhara_jax.runs import open_run
 from eval import harness, registry
 from eval.harness import DharaLM, Options
@@ -262,6 +262,4 @@ def store(eval_dir: Path, results: dict, summary: dict) -> None:
 
 
 def _write(path: Path, text: str) -> None:
-  from data_pipeline.files import write_whole
-
   write_whole(path, text, "eval")

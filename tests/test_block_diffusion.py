@@ -1,4 +1,4 @@
-"""Block diffusion over [x_t ; x_0] (REFERENCES §4): the 2L mask, Canon / short-conv taps,
+"""Block diffusion over [x_t ; x_0] (BD3-LMs, LLaDA 2.0): the 2L mask, Canon / short-conv taps,
 blocked attention, the flash-kernel paths and the decoder at its two limits (block size L: MDLM
 over x_t; block size 1: the AR model over x_0)."""
 
@@ -35,7 +35,8 @@ def packed_segments(length: int) -> np.ndarray:
 
 
 def brute_force_mask(seg: np.ndarray, block_size: int, window: int = 0) -> np.ndarray:
-  """Every (query, key) pair of [x_t ; x_0] decided by REFERENCES §4's rule, one at a time."""
+  """Every (query, key) pair of [x_t ; x_0] decided one at a time by the rule: x_t block k sees
+  x_t block k and x_0 blocks < k; x_0 is block-causal over itself and never sees x_t."""
   batch, length = seg.shape
   mask = np.zeros((batch, 1, 2 * length, 2 * length), bool)
   for b in range(batch):

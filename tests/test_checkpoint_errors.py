@@ -230,6 +230,82 @@ def test_a_failed_save_names_its_own_step(tmp_path, monkeypatch, caplog):
   assert not [r for r in caplog.records if r.exc_info], caplog.records
 
 
+# In a fresh interpreter: Checkpointer calls leave the process's hooks as they found them, a
+# pending async save keeps orbax's noise dropped until it is waited for, and a failed call keeps
+# it dropped for good (its abandoned reads report themselves at exit). Inside, exactly orbax's
+# leftovers are dropped; anything else reaches the hook that was there before.
+QUIET = """
+import logging, sys, types, warnings
+from pathlib import Path
+import jax, jax.numpy as jnp, numpy as np
+from dhara_jax.checkpoint import Checkpointer
+from dhara_jax.errors import DharaError
+from dhara_jax.orbax_quiet import quiet
+
+seen = []
+sys.unraisablehook = lambda unraisable: seen.append(str(unraisable.exc_value))
+
+def hooks():
+  return (sys.unraisablehook, logging.getLogger("absl").filters[:],
+          logging.getLogger("asyncio").filters[:], warnings.filters[:])
+
+def leftovers():
+  code = compile("async def read(): pass", "/site-packages/orbax/read.py", "exec")
+  namespace = {}
+  exec(code, namespace)
+  read = namespace["read"]()
+  sys.unraisablehook(types.SimpleNamespace(exc_value=Exception("read abandoned"), object=read))
+  read.close()
+  sys.unraisablehook(types.SimpleNamespace(exc_value=RuntimeError("Event loop is closed"),
+                                           object=None))
+  sys.unraisablehook(types.SimpleNamespace(exc_value=ValueError("ours"), object=None))
+
+before = hooks()
+leftovers()
+assert seen == ["read abandoned", "Event loop is closed", "ours"], seen
+with quiet(), quiet():
+  seen.clear()
+  leftovers()
+  assert seen == ["ours"], seen
+assert hooks() == before
+
+state = {"w": jnp.asarray(np.random.default_rng(0).standard_normal((64, 64)), jnp.float32)}
+one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+abstract = {"w": jax.ShapeDtypeStruct((64, 64), jnp.float32, sharding=one)}
+run_dir = sys.argv[1]
+checkpoints = Checkpointer(run_dir, keep=3)
+checkpoints.save(1, state, None, {"a": 1})
+assert hooks() != before  # the save goes on in the background
+checkpoints.wait()
+assert hooks() == before
+checkpoints.restore(1, abstract, None)
+assert checkpoints.saved_config(1) == {"a": 1}
+assert hooks() == before
+sync = Checkpointer(run_dir + "/sync", keep=1, async_save=False)
+sync.save(1, state, None, {})
+sync.close()
+checkpoints.close()
+assert hooks() == before
+
+for f in Path(run_dir, "checkpoints", "1").glob("state/ocdbt.process_0/d/*"):
+  f.write_bytes(f.read_bytes()[:f.stat().st_size // 2])
+try:
+  Checkpointer(run_dir, keep=3).restore(1, abstract, None)
+except DharaError:
+  pass
+seen.clear()
+leftovers()
+assert seen == ["ours"], seen
+print("ok")
+"""
+
+
+def test_orbax_noise_is_dropped_only_within_dhara_calls(tmp_path):
+  proc = subprocess.run([sys.executable, "-c", QUIET, str(tmp_path)], capture_output=True,
+                        text=True)
+  assert proc.returncode == 0 and proc.stdout == "ok\n", proc.stderr[-3000:]
+
+
 def damage_arrays(step_dir: Path) -> None:
   """Truncates the array data of the state's per-process store: orbax then wraps the read's
   error in one whose text quotes a bound method instead of the store's spec."""

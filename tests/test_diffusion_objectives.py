@@ -13,13 +13,12 @@ from tiny import random_params
 from dhara_jax import config
 from dhara_jax.config import MeshConfig
 from dhara_jax.errors import ConfigError
-from dhara_jax.losses import add_draws, loss_sum
-from dhara_jax.phases import Phase
 from dhara_jax.loop import run
+from dhara_jax.losses import MaskDraws, diffusion_loss, draw_masks, noisy_tokens, predictable
 from dhara_jax.metrics import read_metrics
 from dhara_jax.model import Head
-from dhara_jax.objectives import (MaskDraws, diffusion_loss, draw_masks, noisy_tokens,
-                                  predictable)
+from dhara_jax.objectives import add_draws, loss_sum
+from dhara_jax.phases import Phase
 
 SEGMENTS = np.array([[1, 1, 1, 1, 2, 2, 2, 2, 2, 2, 0, 0],
                      [1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1]])

@@ -1,10 +1,10 @@
 """The exact prompts lm-eval builds for the study's tasks, pinned on known documents, so that an
 lm-eval upgrade that changes a prompt, a preprocessing step or an answer filter fails here.
 
-Expected strings are literal: derived once from the data and the rules in
-../shared/data/EVAL_FORMATS.md, checked by hand, then written out. Prompts come from the shipped
-slice (its first documents are the full data's); the HellaSwag WikiHow quirks and the chance
-floors need the full copy and are skipped without it.
+Expected strings are literal: derived once from the data and lm-eval's task configs (their
+doc_to_text, doc_to_choice and target rules), checked by hand, then written out. Prompts come
+from the shipped slice (its first documents are the full data's); the HellaSwag WikiHow quirks
+and the chance floors need the full copy and are skipped without it.
 """
 
 from __future__ import annotations
@@ -299,7 +299,8 @@ def test_uniform_scorer_mc2_is_chance(uniform):
   assert round(acc, 3) == 0.448
 
 
-# task -> (chance floor in EVAL_FORMATS.md, its decimals, docs, gold index of a processed doc)
+# task -> (chance floor on the full test set: mean 1/choices, its decimals, docs, gold index of a
+# processed doc)
 CHANCE = {
     "arc_challenge": (0.2502, 4, 1172, lambda d: d["choices"]["label"].index(d["answerKey"])),
     "hellaswag": (0.25, 2, SUBSET, lambda d: d["gold"]),

@@ -82,7 +82,7 @@ def test_card_from_a_summary_has_a_model_index_and_the_averages():
 
 def test_card_of_a_full_evaluation_has_no_caveat_and_missing_averages_say_so():
   for data, says in (("hub", "data: the Hub datasets"),
-                     ("../shared/data", "data: the local copy `../shared/data`")):
+                     ("/data/eval", "data: the local copy `/data/eval`")):
     summary = {**SUMMARY, "limit": None, "data": data, "average_7": None}
     body = model_card("tiny", summary).split("---\n", 2)[2]
     assert says in body and "not comparable" not in body

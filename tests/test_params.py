@@ -10,7 +10,8 @@ from dhara_jax import config
 from dhara_jax.model import init_params
 from dhara_jax.params import count_params
 
-# codelion's layer parameter counts (12·d²·L) for the 7 GPT-2 shapes, REFERENCES §1.3.
+# codelion's layer parameter counts (12·d²·L) for the 7 GPT-2 shapes, from the shapes table of
+# huggingface.co/blog/codelion/optimal-model-architecture.
 SHAPES = {"gpt2_4l": 28.3, "gpt2_12l": 37.7, "gpt2_16l": 38.5, "gpt2_24l": 42.5,
           "gpt2_32l": 56.6, "gpt2_48l": 59.0, "gpt2_64l": 50.3}
 

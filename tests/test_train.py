@@ -19,7 +19,7 @@ from dhara_jax.kernels.canon import api as canon_api
 from dhara_jax.loop import run
 from dhara_jax.metrics import read_metrics
 from dhara_jax.model import Head, init_params
-from dhara_jax.objectives import ar_loss, next_token_targets
+from dhara_jax.losses import ar_loss, next_token_targets
 from dhara_jax.optim import decay_mask, learning_rate
 from dhara_jax.sharding import make_mesh
 from dhara_jax.train import build, init_state, loss_sum, make_train_step

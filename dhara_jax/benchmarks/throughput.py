@@ -16,7 +16,7 @@ from typing import Any
 
 import jax
 
-from data_pipeline.files import write_whole
+from dhara_jax.files import write_whole
 from dhara_jax.benchmarks.prompts import bench_prompts
 from dhara_jax.benchmarks.timing import timed_calls
 from dhara_jax.errors import DharaError

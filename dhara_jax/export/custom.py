@@ -28,7 +28,7 @@ CODE_FILES = ("configuration_dhara.py", "modeling_dhara.py")
 # The PyTorch model computes in the dtype its weights are loaded in, with its own kernels.
 ARCH_FIELDS = tuple(f.name for f in dataclasses.fields(ModelConfig)
                     if f.name not in RUNTIME_FIELDS)
-# The project's one label alignment (objectives.py): logits at position i predict the token at
+# The project's one label alignment (losses.py): logits at position i predict the token at
 # i + 1, for AR and diffusion alike; a masked token at j is read from the logits at j - 1, and a
 # document's first token is never masked. Written so a PyTorch user need not guess it.
 LABEL_ALIGNMENT = "next_token"

@@ -9,7 +9,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from data_pipeline.files import write_whole
+from dhara_jax.files import write_whole
 from dhara_jax.study.published import PUBLISHED, TASKS, TASKS_6
 
 AR_COLOUR, DIFFUSION_COLOUR = "tab:blue", "tab:orange"

@@ -10,7 +10,7 @@ import io
 from pathlib import Path
 from typing import Any
 
-from data_pipeline.files import write_whole
+from dhara_jax.files import write_whole
 from dhara_jax.study import plots
 from dhara_jax.study.plots import number
 from dhara_jax.study.published import (AR_TOKENS_PER_SECOND, DIFFUSION_TOKENS_PER_SECOND,

@@ -22,6 +22,7 @@ from typing import Callable
 import yaml
 
 from dhara_jax.errors import DharaError
+from dhara_jax.files import write_whole
 from dhara_jax.sampler_options import option_flag
 from dhara_jax.study.spec import Cell, Study
 
@@ -285,6 +286,4 @@ def _save(out: Path, cell: Cell, status: dict) -> None:
 
 
 def _write(path: Path, text: str) -> None:
-  from data_pipeline.files import write_whole
-
   write_whole(path, text, "study")

@@ -5,7 +5,7 @@ import pytest
 from tiny import compiled_dot_operand_types
 
 from dhara_jax.model import Head
-from dhara_jax.objectives import head_cross_entropy_sum
+from dhara_jax.losses import head_cross_entropy_sum
 
 RNG = np.random.default_rng(0)
 
