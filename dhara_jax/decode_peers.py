@@ -98,14 +98,16 @@ def llama_cpp_greedy(gguf_path: Path, batches: Sequence[Prompts], new_tokens: in
 
 def _timed_llama_cpp(lc: Any, model: Any, prompts: Prompts, new_tokens: int, runs: int,
                      threads: int) -> dict:
-  """The B prompts as B sequences of one context: the prompts in one batch, then one batch of
-  B tokens a step; each step's argmax taken of llama.cpp's logits with EOS at −∞."""
+  """The B prompts as B sequences of one context (a float32 KV cache, as dhara's and
+  transformers'): the prompts in one batch, then one batch of B tokens a step; each step's
+  argmax taken of llama.cpp's logits with EOS at −∞."""
   batch_size, prompt_len = len(prompts), len(prompts[0])
   params = lc.llama_context_default_params()
   params.n_seq_max = batch_size
   params.n_ctx = batch_size * -(-(prompt_len + new_tokens) // CTX_ROUND) * CTX_ROUND
   params.n_batch = params.n_ubatch = batch_size * prompt_len
   params.n_threads = params.n_threads_batch = threads
+  params.type_k = params.type_v = lc.GGML_TYPE_F32  # its default KV cache is float16
   ctx = lc.llama_init_from_model(model, params)
   vocab = lc.llama_model_get_vocab(model)
   n_vocab, eos = lc.llama_vocab_n_tokens(vocab), lc.llama_vocab_eos(vocab)
