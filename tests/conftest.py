@@ -74,11 +74,12 @@ def smollm2_run(tmp_path_factory):
 
 # --- parallel runs (pytest-xdist, `--dist loadgroup`): a test file runs whole on one worker,
 # so its module fixtures (a trained run, an export) are built once; the files that share the
-# imported SmolLM2 (a session fixture) run on the same worker.
+# imported SmolLM2 (a session fixture), and any other test that uses it, run on the same worker.
 SMOLLM2_FILES = {"test_smollm2", "test_imported_training", "test_eval_agreement_smollm2"}
 
 
 def pytest_collection_modifyitems(items):
   for item in items:
     name = item.path.stem
-    item.add_marker(pytest.mark.xdist_group("smollm2" if name in SMOLLM2_FILES else name))
+    shares = name in SMOLLM2_FILES or "smollm2_run" in getattr(item, "fixturenames", ())
+    item.add_marker(pytest.mark.xdist_group("smollm2" if shares else name))

@@ -49,6 +49,24 @@ def test_benchmark_script_runs(script):
   assert match and float(match.group(1)) > 0, proc.stdout
 
 
+@pytest.mark.slow
+def test_real_decode_quick_on_the_imported_smollm2(smollm2_run):
+  """bench/real_decode.py --quick on the session's SmolLM2 import: dhara and transformers decode
+  the same greedy tokens; llama.cpp runs where llama-cpp-python is installed (CI has none)."""
+  proc = subprocess.run([sys.executable, str(ROOT / "bench" / "real_decode.py"), str(smollm2_run),
+                         "--quick"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  out = proc.stdout
+  match = re.search(r"^dhara \(JAX [\d.]+, KV cache\) +1 +([\d.]+) +1\.00×", out, re.MULTILINE)
+  assert match and float(match.group(1)) > 0, out
+  assert re.search(r"^transformers [\d.]+ generate\(\) +1 +[\d.]+ ", out, re.MULTILINE), out
+  assert "greedy tokens, dhara vs transformers, B=1: 1/1 rows equal over all G" in out, out
+  # llama.cpp's float32 sums may flip a near-tie late, not in the first tokens
+  llama = re.search(r"^greedy tokens, dhara vs llama\.cpp, B=1: (1/1 rows equal|.* position "
+                    r"(\d+) )|^llama\.cpp: skipped \(", out, re.MULTILINE)
+  assert llama and (llama.group(2) is None or int(llama.group(2)) >= 8), out
+
+
 def test_interleaved_seconds_times_every_side_every_round():
   quick = functools.partial(functools.partial, time.sleep, 0.01)  # maker of a 10 ms call
   times = interleaved_seconds({"a": quick, "b": quick}, steps=2, rounds=3)

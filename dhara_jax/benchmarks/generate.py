@@ -15,11 +15,9 @@ outputs; report.py compares the rows and prints them.
 
 from __future__ import annotations
 
-import concurrent.futures
 import dataclasses
 import functools
 import json
-import multiprocessing
 import os
 import statistics
 import sys
@@ -34,7 +32,7 @@ from dhara_jax import convert
 from dhara_jax.benchmarks.prompts import PROMPT_TOKENS, bench_prompts
 from dhara_jax.benchmarks.quality import JUDGE, distinct_2, judge_perplexity
 from dhara_jax.benchmarks.report import ar_overtakes, compare, headline
-from dhara_jax.benchmarks.timing import OtherCpu, timed_calls
+from dhara_jax.benchmarks.timing import OtherCpu, in_own_process, timed_calls
 from dhara_jax.benchmarks.torch_peers import torch_peers
 from dhara_jax.errors import DharaError
 from dhara_jax.phases import Phase
@@ -246,9 +244,7 @@ def _peer_rows(ar_dir: Path, run_dir: Path, jobs: list[dict], runs: int, threads
       hf_dirs = {"hf": export_run(ar_dir, Path(tmp) / "ar"),
                  "diffusion": export_run(run_dir, Path(tmp) / "diffusion")}
       log(f"bench: {len(jobs)} PyTorch peer runs (exports in {tmp})")
-      context = multiprocessing.get_context("spawn")  # a fork would inherit JAX's threads
-      with concurrent.futures.ProcessPoolExecutor(1, mp_context=context) as pool:
-        results = pool.submit(torch_peers, hf_dirs, jobs, runs, threads).result()
+      results = in_own_process(torch_peers, hf_dirs, jobs, runs, threads)
   out = []
   for job, result in zip(jobs, results):
     if job["kind"] == "hf":

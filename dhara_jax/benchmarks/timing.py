@@ -8,6 +8,7 @@ and 2.6–2.9 s after JAX steps in the same process here)."""
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import multiprocessing
 import os
@@ -26,6 +27,13 @@ import jax  # noqa: E402
 # no warm-up. On the quickstart models that is JAX's cache=none reference at B=64 (~60 s a
 # call) and torch's diffusion peers at B=64; it keeps the default grid within ~15 minutes.
 SLOW_CALL_SECONDS = 20.0
+
+
+def in_own_process(fn: Callable[..., Any], *args: Any) -> Any:
+  """fn(*args) in a spawned process (a fork would inherit JAX's threads)."""
+  context = multiprocessing.get_context("spawn")
+  with concurrent.futures.ProcessPoolExecutor(1, mp_context=context) as pool:
+    return pool.submit(fn, *args).result()
 
 
 def seconds_per_call(fn: Callable[[], Any], steps: int, warmup: int = 1) -> float:

