@@ -102,7 +102,7 @@ class ELBOScorer:
       if self.block and length % self.block:
         raise DharaError(f"eval: row length {length} is not a multiple of the model's block "
                          f"size {self.block}")
-      count = self.batcher.rows_for(length)
+      count = self.batcher.rows_for((length, width))
       x0 = np.full((count, length), self.pad_id, np.int32)
       segments = np.zeros((count, length), np.int32)
       masked = np.zeros((count, length), bool)

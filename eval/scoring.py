@@ -29,6 +29,7 @@ MIN_BUCKET = 16
 CANDIDATES = 8  # single-token continuations of one context scored from one row
 READ_BUCKET = 8  # the smallest number of positions a row's head reads
 DEFAULT_BATCH_TOKENS = 8192
+HEAD_FLOATS = 2**26  # a batch's logits at its reads (rows × reads × vocabulary): 256 MB float32
 DEFAULT_MC_SAMPLES = 128  # LLaDA's mc_num
 log = logging.getLogger(__name__)
 
@@ -88,12 +89,20 @@ class Batcher:
     for row in rows:
       by_shape.setdefault(shape(row), []).append(row)
     for key in sorted(by_shape, reverse=True):
-      group, count = by_shape[key], self.rows_for(key[0])
+      group, count = by_shape[key], self.rows_for(key)
       for start in range(0, len(group), count):
         yield key, group[start:start + count]
 
-  def rows_for(self, length: int) -> int:
-    return rows_per_batch(length, self.batch_tokens, self.shards)
+  def rows_for(self, shape: tuple[int, int]) -> int:
+    """Rows of a batch of (row length, reads) `shape`: the token budget's, halved while the
+    head's logits would pass HEAD_FLOATS — with a real vocabulary (SmolLM2's 49,152) short rows
+    at the token budget would hold GBs of logits."""
+    length, reads = shape
+    rows = rows_per_batch(length, self.batch_tokens, self.shards)
+    while (rows * reads * self.cfg.vocab_size > HEAD_FLOATS and rows // 2 >= self.shards
+           and rows // 2 % self.shards == 0):
+      rows //= 2
+    return rows
 
   def put(self, *arrays: np.ndarray) -> list[jax.Array]:
     from dhara_jax.sharding import batch_sharding
@@ -181,7 +190,7 @@ class ARScorer:
     rows = self.rows(pairs)
     shape = lambda row: self.batcher.shape(len(row.tokens), len(row.payload))  # noqa: E731
     for (length, width), batch in self.batcher.batches(rows, shape):
-      count = self.batcher.rows_for(length)
+      count = self.batcher.rows_for((length, width))
       tokens = np.full((count, length), self.pad_id, np.int32)
       where = np.zeros((count, width), np.int32)
       targets = np.zeros((count, width), np.int32)

@@ -30,7 +30,7 @@ def evaluated(smollm2_run, tmp_path_factory):
                  (smollm2_run / "eval" / "samples" / f"{task}.jsonl").read_text().splitlines()]
           for task in TASKS}
   export = runs.export_run(smollm2_run, tmp_path_factory.mktemp("smollm2_hf") / "hf")
-  peer = hflm(export, batch_size=8, eos_prefix=False, dtype="float64")
+  peer = hflm(export, batch_size=4, eos_prefix=False, dtype="float64")  # ~1 GB of logits
   theirs = lm_eval.simple_evaluate(model=peer, tasks=list(TASKS),
                                    task_manager=registry.task_manager(None), limit=LIMIT,
                                    log_samples=True, bootstrap_iters=0)

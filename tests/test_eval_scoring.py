@@ -12,7 +12,8 @@ from dhara_jax.errors import DharaError
 from dhara_jax.model import forward
 from dhara_jax.phases import Phase
 from eval.elbo import ELBOScorer, mask_counts, predictor_log_probs
-from eval.scoring import ARScorer, bucket_of, buckets, eval_mesh, rows_per_batch
+from eval.scoring import (HEAD_FLOATS, ARScorer, Batcher, bucket_of, buckets, eval_mesh,
+                          rows_per_batch)
 from tiny import random_params, tiny_config
 
 
@@ -48,6 +49,15 @@ def test_buckets_and_batch_shapes():
   assert bucket_of(17, 128) == 32 and bucket_of(128, 128) == 128
   assert rows_per_batch(64, 1024, 1) == 16 and rows_per_batch(64, 1024, 8) == 16
   assert rows_per_batch(128, 64, 8) == 8  # at least one row per batch shard
+
+
+def test_a_large_vocabulary_bounds_the_rows_by_the_heads_logits():
+  small, large = tiny_config("llama3"), tiny_config("llama3", "model.vocab_size=49152")
+  mesh = eval_mesh(jax.devices()[:1])
+  assert Batcher(small, 8192, mesh).rows_for((16, 8)) == 512  # the token budget's
+  rows = Batcher(large, 8192, mesh).rows_for((16, 8))
+  assert rows * 8 * 49152 <= HEAD_FLOATS < 2 * rows * 8 * 49152  # halved just enough
+  assert Batcher(large, 8192, eval_mesh()).rows_for((16, 8192)) == 8  # one row per shard
 
 
 def test_ar_scores_equal_one_request_at_a_time_and_share_rows():
