@@ -1,6 +1,10 @@
 """Test session setup: 8 fake CPU devices (set before JAX initialises its backend)."""
 
+import ctypes
+import gc
 import os
+import subprocess
+import sys
 import tempfile
 
 import pytest
@@ -64,11 +68,11 @@ def smollm2_peer(smollm2_gguf):
 def smollm2_run(tmp_path_factory):
   """SmolLM2 imported the documented way, `dhara import --smollm2`, with the shipped mix's data
   section (tiny rows: a CPU training step of a 135M model)."""
-  from dhara_jax import cli
-
   run_dir = tmp_path_factory.mktemp("smollm2") / "run"
-  assert cli.main(["import", "--smollm2", "--run-dir", str(run_dir), "--config", "data/mix",
-                   "data.seq_len=16", "data.batch_size=1", "data.read_threads=1"]) == 0
+  # A process of its own: transformers' de-quantization leaves GBs this worker would keep.
+  subprocess.run([sys.executable, "-m", "dhara_jax.cli", "import", "--smollm2", "--run-dir",
+                  str(run_dir), "--config", "data/mix", "data.seq_len=16", "data.batch_size=1",
+                  "data.read_threads=1"], check=True, timeout=900)
   return run_dir
 
 
@@ -83,3 +87,15 @@ def pytest_collection_modifyitems(items):
     name = item.path.stem
     shares = name in SMOLLM2_FILES or "smollm2_run" in getattr(item, "fixturenames", ())
     item.add_marker(pytest.mark.xdist_group("smollm2" if shares else name))
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_memory_after_each_file():
+  """A worker runs file after file: drop the programs JAX compiled for this one (a 30-layer
+  SmolLM2 program holds GBs) and hand freed memory back, so two workers fit in memory."""
+  yield
+  import jax  # here: XLA_FLAGS above must be set before jax is imported
+
+  jax.clear_caches()
+  gc.collect()
+  ctypes.CDLL("libc.so.6").malloc_trim(0)
