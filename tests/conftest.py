@@ -76,17 +76,17 @@ def smollm2_run(tmp_path_factory):
   return run_dir
 
 
-# --- parallel runs (pytest-xdist, `--dist loadgroup`): a test file runs whole on one worker,
-# so its module fixtures (a trained run, an export) are built once; the files that share the
-# imported SmolLM2 (a session fixture), and any other test that uses it, run on the same worker.
-SMOLLM2_FILES = {"test_smollm2", "test_imported_training", "test_eval_agreement_smollm2"}
+# --- parallel runs (pytest-xdist, `-n 2`): a test file runs whole on one worker, so its module
+# fixtures (a trained run, an export) are built once; every test of the imported SmolLM2 (its
+# files, and tests elsewhere named for it) runs on one worker, which builds it once.
+def pytest_xdist_make_scheduler(config, log):
+  from xdist.scheduler import LoadScopeScheduling
 
+  class ByFile(LoadScopeScheduling):
+    def _split_scope(self, nodeid: str) -> str:
+      return "smollm2" if "smollm2" in nodeid else nodeid.split("::", 1)[0]
 
-def pytest_collection_modifyitems(items):
-  for item in items:
-    name = item.path.stem
-    shares = name in SMOLLM2_FILES or "smollm2_run" in getattr(item, "fixturenames", ())
-    item.add_marker(pytest.mark.xdist_group("smollm2" if shares else name))
+  return ByFile(config, log) if config.getvalue("dist") != "each" else None
 
 
 @pytest.fixture(autouse=True, scope="module")
