@@ -71,7 +71,8 @@ def private_tmpfs() -> bool:
     return False
   with tempfile.TemporaryDirectory() as directory:
     proc = subprocess.run(["unshare", "-rm", "sh", "-c",
-                           f"mount -t tmpfs -o size=1m tmpfs {directory}"], capture_output=True)
+                           f"mount -t tmpfs -o size=1m tmpfs {directory}"], capture_output=True,
+                          timeout=60)
   return proc.returncode == 0
 
 
@@ -83,7 +84,7 @@ def dhara(*args, inject: tuple[int, int, str] | None = None) -> subprocess.Compl
   if inject is not None:
     env.update(FAIL_STEP=str(inject[0]), FAIL_ERRNO=str(inject[1]), FAIL_ITEM=inject[2])
     command = [sys.executable, "-c", INJECT, *args]
-  return subprocess.run(command, capture_output=True, text=True, env=env)
+  return subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
 
 
 def checkpoint_names(directory: Path) -> list[str]:
@@ -121,7 +122,8 @@ def test_full_disk_is_one_line_and_a_rerun_continues_exactly(tmp_path, straight,
   if private_tmpfs():
     command = ["unshare", "-rm", "sh", "-c", SMALL_DISK, "sh", sys.executable, "-m",
                "dhara_jax.cli", *args]
-    out = subprocess.run(command, env={**os.environ, "FS": str(fs), "OUT": str(tmp_path)})
+    out = subprocess.run(command, env={**os.environ, "FS": str(fs), "OUT": str(tmp_path)},
+                         timeout=600)
     assert out.returncode == 0, "could not mount the small tmpfs"
     rc, stderr = int((tmp_path / "1.rc").read_text()), (tmp_path / "1.err").read_text()
     left = (tmp_path / "1.ls").read_text().split()
@@ -302,7 +304,7 @@ print("ok")
 
 def test_orbax_noise_is_dropped_only_within_dhara_calls(tmp_path):
   proc = subprocess.run([sys.executable, "-c", QUIET, str(tmp_path)], capture_output=True,
-                        text=True)
+                        text=True, timeout=600)
   assert proc.returncode == 0 and proc.stdout == "ok\n", proc.stderr[-3000:]
 
 

@@ -13,7 +13,7 @@ def test_quickstart_cli_end_to_end(tmp_path):
   held-out loss, a sample, export with PyTorch parity and a bit-exact import."""
   proc = subprocess.run([sys.executable, "-m", "dhara_jax.cli", "quickstart", "--out",
                          str(tmp_path), "train.steps=80", "train.eval_every=40"],
-                        capture_output=True, text=True)
+                        capture_output=True, text=True, timeout=1500)
   summary_path = tmp_path / "summary.json"
   written = summary_path.read_text() if summary_path.is_file() else "(no summary.json)"
   assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:] + written
@@ -44,7 +44,7 @@ def test_quickstart_unwritable_out_is_one_line(tmp_path):
   blocker = tmp_path / "file"
   blocker.write_text("x")
   proc = subprocess.run([sys.executable, "-m", "dhara_jax.cli", "quickstart", "--out",
-                         str(blocker / "out")], capture_output=True, text=True)
+                         str(blocker / "out")], capture_output=True, text=True, timeout=300)
   assert proc.returncode == 2
   assert proc.stderr.strip().startswith("error: train: run dir")
   assert len(proc.stderr.strip().splitlines()) == 1

@@ -78,7 +78,7 @@ def test_commands_end_to_end_with_counts(capsys, tmp_path):
 def test_entry_point_prints_one_line(tmp_path):
   proc = subprocess.run([sys.executable, "-m", "dhara_jax.cli", "data", "prepare",
                          one_source(tmp_path / "missing"), f"data.cache_dir={tmp_path}"],
-                        capture_output=True, text=True)
+                        capture_output=True, text=True, timeout=300)
   assert proc.returncode == 2
   assert proc.stderr == ("error: data.sources[0].path: no such file or folder: "
                          f"{tmp_path / 'missing'}\n")
