@@ -13,7 +13,6 @@ evaluation (JAX compiles its few programs there) and for a second one in the sam
 from __future__ import annotations
 
 import argparse
-import multiprocessing
 import os
 import sys
 import tempfile
@@ -56,11 +55,6 @@ def _side(name: str, run_dir: str, export_dir: str, args: argparse.Namespace) ->
   return {"name": name, "passes": passes}
 
 
-def _in_process(name: str, run_dir: str, export_dir: str, args: argparse.Namespace) -> dict:
-  with multiprocessing.get_context("spawn").Pool(1) as pool:
-    return pool.apply(_side, (name, run_dir, export_dir, args))
-
-
 def main() -> int:
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("run_dir", help="an AR run")
@@ -72,6 +66,7 @@ def main() -> int:
                  help="lm-eval's generation overrides (default: 32 new tokens)")
   args = p.parse_args()
 
+  from dhara_jax.benchmarks.timing import in_own_process
   from dhara_jax.runs import export_run, open_run
 
   with open_run(args.run_dir) as run:
@@ -80,7 +75,8 @@ def main() -> int:
     sys.exit("error: HFLM has no diffusion likelihood; give an AR run")
   with tempfile.TemporaryDirectory() as tmp:
     export = str(export_run(Path(args.run_dir), Path(tmp) / "hf"))
-    sides = [_in_process(name, args.run_dir, export, args) for name in ("dhara", "hflm")]
+    sides = [in_own_process(_side, name, args.run_dir, export, args)
+             for name in ("dhara", "hflm")]
   print(f"{args.tasks}, --limit {args.limit}, {args.gen_kwargs}; {os.cpu_count()} CPUs")
   for label, index in (("first evaluation (JAX compiles)", 0), ("second evaluation", 1)):
     ours, theirs = (s["passes"][index] for s in sides)
