@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from itertools import zip_longest
 from pathlib import Path
 from typing import Any
 
@@ -128,6 +129,9 @@ def convert(ar_run: Path, spec: str | Path, overrides: list[str], run_dir: Path,
                        f"{ar_run}, not {ar_step}; use a new --run-dir")
     cfg = with_budget(load_conversion_config(ar.cfg, spec, overrides), ar.cfg, ar_step)
     plan = conversion_plan(cfg)  # refuses a bad ladder before anything is written
+    planned = _plan_record(cfg, plan)
+    if record is not None:
+      _check_same_plan(run_dir, record, planned)
     tokenizer = ar.tokenizer(ar_step)
     path = resolve_input(cfg.data.tokenizer)
     if path.exists() and load_tokenizer(path).sha256 != tokenizer.sha256:
@@ -140,7 +144,8 @@ def convert(ar_run: Path, spec: str | Path, overrides: list[str], run_dir: Path,
 
     def record_start(run_cfg: Config) -> Plan:
       if record is None and jax.process_index() == 0:
-        _write_record(run_dir, ar_run, ar_step, run_cfg)
+        _write_record(run_dir, {"ar_run": str(ar_run.resolve()), "ar_step": ar_step,
+                                **planned})
       return plan
 
     return run(cfg, run_dir, stop_at=stop_at, progress=progress, plan=record_start,
@@ -157,8 +162,40 @@ def _read_record(run_dir: Path) -> dict | None:
     raise DharaError(f"convert: {path} is unreadable ({e}); mend or delete it") from None
 
 
-def _write_record(run_dir: Path, ar_run: Path, ar_step: int, cfg: Config) -> None:
+def _plan_record(cfg: Config, plan: Plan) -> dict:
+  """What conversion.json records of the plan: the budget and the stages it makes."""
+  stages = []
+  for stage in plan.stages:
+    phase = stage.phase
+    block = f" {phase.block_size}" if phase.objective == "block" else ""
+    noise = f" (mask noise {phase.mask_noise:g})" if phase.mask_noise else ""
+    stages.append(f"{stage.name} {phase.objective}{block}{noise} to step {stage.last_step}")
+  return {"steps": cfg.train.steps,
+          "tokens": cfg.train.steps * cfg.data.batch_size * cfg.data.seq_len,
+          "stages": stages, "average_top_k": plan.average_top_k}
+
+
+def _check_same_plan(run_dir: Path, record: dict, planned: dict) -> None:
+  """Refuses to resume a conversion under another plan than the one it started with: its
+  steps so far followed that one (a record older than `stages` names the budget only)."""
+  again = "resume with the settings it started with, or use a new --run-dir"
+  if record.get("steps") != planned["steps"]:
+    raise DharaError(f"convert: {run_dir} was planned for {record.get('tokens')} tokens "
+                     f"({record.get('steps')} steps), this config's budget is "
+                     f"{planned['tokens']} tokens ({planned['steps']} steps; convert.tokens, "
+                     f"convert.token_fraction); {again}")
+  stages = zip_longest(record.get("stages", planned["stages"]), planned["stages"],
+                       fillvalue="none")
+  for i, (was, now) in enumerate(stages, start=1):
+    if was != now:
+      raise DharaError(f"convert: {run_dir} was planned with stage {i} '{was}', this config "
+                       f"plans '{now}' (convert.*_blocks, convert.*_share); {again}")
+  if record.get("average_top_k", planned["average_top_k"]) != planned["average_top_k"]:
+    raise DharaError(f"convert: {run_dir} was planned to average the best "
+                     f"{record['average_top_k']} decay checkpoints, this config "
+                     f"{planned['average_top_k']} (convert.average_top_k); {again}")
+
+
+def _write_record(run_dir: Path, record: dict) -> None:
   run_dir.mkdir(parents=True, exist_ok=True)
-  (run_dir / RECORD).write_text(json.dumps(
-      {"ar_run": str(ar_run.resolve()), "ar_step": ar_step, "steps": cfg.train.steps,
-       "tokens": cfg.train.steps * cfg.data.batch_size * cfg.data.seq_len}, indent=2) + "\n")
+  (run_dir / RECORD).write_text(json.dumps(record, indent=2) + "\n")

@@ -245,8 +245,12 @@ def _loop(cfg: Config, mesh: Mesh, tx: Any, shardings: Any, state: Any, data: Da
   next_train = functools.partial(
       next_batch, signals=signals, timeout_s=cfg.data.wait_timeout_s, what="training batch",
       ran_out=f"the training data ran out before train.steps={cfg.train.steps}{epochs}")
+  # A step's held-out evaluation is part of the step: a stop signal waits for it (and for the
+  # final averaging) to end, so no step is saved owing its row. Its waits stay bounded by the
+  # timeout, and a second signal still ends the run at once.
   next_held_out = functools.partial(
-      next_batch, signals=signals, timeout_s=cfg.data.wait_timeout_s, what="held-out batch",
+      next_batch, signals=StopSignals(enabled=False), timeout_s=cfg.data.wait_timeout_s,
+      what="held-out batch",
       ran_out=f"the held-out data ran out before train.eval_batches={cfg.train.eval_batches}"
               f"{epochs}")
 
@@ -271,7 +275,8 @@ def _loop(cfg: Config, mesh: Mesh, tx: Any, shardings: Any, state: Any, data: Da
   bar = _progress(progress, start, last)
   loss = row = None
   evals: dict[str, float] = {}
-  # The step `state` holds, and the stream position that goes with it: what a stop saves.
+  # The last step that owes nothing more (its row is written) and the stream position after it:
+  # what a stop saves. `state` is that step's unless a step trained since (`row` is set).
   done, position = start, SavedPosition(data.train.get_state())
   try:
     if start == 0 and evaluating:
@@ -289,7 +294,6 @@ def _loop(cfg: Config, mesh: Mesh, tx: Any, shardings: Any, state: Any, data: Da
                 if last_good is not None else "no checkpoint was written")
         raise DharaError(f"train: non-finite values at step {step} (loss {loss}, grad norm "
                          f"{grad_norm}, param norm {param_norm}); stopped, {kept}")
-      done, position = step, SavedPosition(data.train.get_state())
       tokens_per_second = float(out["tokens"]) / (time.perf_counter() - started)
       row = {"step": step, "loss": loss, "perplexity": math.exp(min(loss, 50.0)),
              "lr": float(out["lr"]), "grad_norm": grad_norm, "param_norm": param_norm,
@@ -315,6 +319,7 @@ def _loop(cfg: Config, mesh: Mesh, tx: Any, shardings: Any, state: Any, data: Da
         score = None  # the average is no candidate
       metrics.write(row)
       row = None
+      done, position = step, SavedPosition(data.train.get_state())
       stopping = signals.requested(step)
       if ((cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0)
           or step == last or stopping or score is not None):
@@ -325,9 +330,9 @@ def _loop(cfg: Config, mesh: Mesh, tx: Any, shardings: Any, state: Any, data: Da
         raise DharaError(_stopped(f"train: stopped by {signals.received}", step, last_good,
                                   checkpoints.directory))
   except DataStop as stop:
-    if row is not None:  # the step trained; only its evaluation failed
-      metrics.write(row)
-    if done > (last_good or 0) and jax.process_count() == 1:  # hosts cannot agree to save
+    # A step whose evaluation failed (`row` unwritten) is not saved: it trains again on resume,
+    # from the checkpoint before it, and its row comes out whole. Hosts cannot agree to save.
+    if row is None and done > (last_good or 0) and jax.process_count() == 1:
       checkpoints.save(done, state, position, resolved, data.tokenizer)
       last_good = done
     # A signal met while waiting for data reads as one met during a step.
@@ -343,13 +348,13 @@ def _average_best(cfg: Config, tx: Any, shardings: Any, checkpoints: Checkpointe
                   step: int, score: float | None, k: int) -> tuple[Any, list[int]]:
   """The state with its parameters replaced by the mean of the k best-scoring checkpoints'
   (this step's own, scored `score`, among them); and those steps, best first."""
+  checkpoints.wait()  # a candidate may still be being written, its score not yet readable
   scores = checkpoints.scores()
   if score is not None:
     scores[step] = score
   best = sorted(scores, key=lambda s: (scores[s], s))[:k]
   if not best:  # nothing was evaluated in the averaging stage: keep the last state
     return state, []
-  checkpoints.wait()  # a candidate may still be being written
   target = abstract_state(cfg, tx, shardings)
   params = [state["params"] if s == step else checkpoints.restore(s, target, None)["params"]
             for s in best]

@@ -1,0 +1,167 @@
+"""A stop signal inside what a step owes (its held-out evaluation, a conversion's final top-k
+averaging): the run and its resume end with the metrics rows and final parameters of a run never
+stopped, bit for bit. A conversion resumed under another plan is refused in one line.
+
+The signal is a real SIGTERM, sent by this process to itself from inside the loop's own
+`evaluate` or `_average_best` (patched to send it first), so it lands there every time.
+"""
+
+import json
+import os
+import signal
+
+import jax
+import numpy as np
+import pytest
+
+from dhara_jax import config, loop
+from dhara_jax.cli import main
+from dhara_jax.convert import convert
+from dhara_jax.errors import DharaError
+from dhara_jax.metrics import read_metrics
+from dhara_jax.runs import open_run
+from test_convert import AR, RECIPE
+from test_train import TINY_RUN
+
+# 8 conversion steps: warmup at block 1 (2), stable mdm (2), decay at block 16 (4); held-out
+# losses every 2 steps, so the decay steps 6 and 8 are scored and the final model is their mean.
+CONVERT = ["convert.warmup_blocks=[1]", "convert.decay_blocks=[16]", "convert.tokens=2048",
+           "convert.warmup_share=0.25", "convert.stable_share=0.25", "convert.decay_share=0.5",
+           "convert.average_top_k=2", "train.eval_every=2", "train.eval_batches=1",
+           "train.checkpoint_every=4", "train.keep_checkpoints=2"]
+
+
+def train(run_dir):
+  return loop.run(config.load("configs/runs/quickstart.yaml", TINY_RUN), run_dir, progress=False)
+
+
+def conversion(ar_run, run_dir, *overrides):
+  return convert(ar_run, RECIPE, [*CONVERT, *overrides], run_dir, progress=False)
+
+
+@pytest.fixture(scope="module")
+def ar_run(tmp_path_factory):
+  run_dir = tmp_path_factory.mktemp("ar")
+  loop.run(config.load("configs/runs/quickstart.yaml", AR), run_dir, progress=False)
+  return run_dir
+
+
+@pytest.fixture(scope="module")
+def straight_train(tmp_path_factory):
+  run_dir = tmp_path_factory.mktemp("train")
+  train(run_dir)
+  return run_dir
+
+
+@pytest.fixture(scope="module")
+def straight_conversion(ar_run, tmp_path_factory):
+  run_dir = tmp_path_factory.mktemp("conversion")
+  conversion(ar_run, run_dir)
+  return run_dir
+
+
+def sigterm_in(monkeypatch, name, when=lambda: True):
+  """Patches loop.<name> to send this process SIGTERM on its first call for which `when()`
+  holds; returns the list it appends to when it does."""
+  real, sent = getattr(loop, name), []
+
+  def sending(*args, **kwargs):
+    if not sent and when():
+      sent.append(name)
+      os.kill(os.getpid(), signal.SIGTERM)
+    return real(*args, **kwargs)
+
+  monkeypatch.setattr(loop, name, sending)
+  return sent
+
+
+def evaluating_step(run_dir, step):
+  """Whether the loop is evaluating `step` now: its row comes next."""
+  return lambda: [r["step"] for r in read_metrics(run_dir)[-1:]] == [step - 1]
+
+
+def rows(run_dir):
+  """The metrics rows, less the timings (they differ run to run)."""
+  return [{k: v for k, v in r.items() if k not in ("tokens_per_second", "mfu")}
+          for r in read_metrics(run_dir)]
+
+
+def assert_same_outcome(run_dir, straight):
+  assert rows(run_dir) == rows(straight)
+  with open_run(run_dir) as got, open_run(straight) as want:
+    assert got.step() == want.step()
+    for a, b in zip(*(jax.tree.leaves(r.params(r.step())) for r in (got, want)), strict=True):
+      np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def stopped_line(run_dir, step):
+  return (f"train: stopped by SIGTERM after step {step}, checkpoint saved in "
+          f"{run_dir / 'checkpoints'}; run the same command to resume")
+
+
+def test_sigterm_in_a_training_evaluation_then_in_the_last(straight_train, tmp_path,
+                                                           monkeypatch):
+  """Mid-run, the stop waits for the evaluation and saves the step with its whole row; at the
+  last step the run simply ends, evaluated."""
+  with monkeypatch.context() as m:
+    sent = sigterm_in(m, "evaluate", evaluating_step(tmp_path, 4))
+    with pytest.raises(DharaError) as stop:
+      train(tmp_path)
+  assert sent and str(stop.value) == stopped_line(tmp_path, 4)
+  assert "eval_loss" in read_metrics(tmp_path)[-1]
+  with monkeypatch.context() as m:
+    sent = sigterm_in(m, "evaluate", evaluating_step(tmp_path, 6))
+    assert train(tmp_path)["start_step"] == 4
+  assert sent
+  assert_same_outcome(tmp_path, straight_train)
+
+
+def test_sigterm_in_a_scored_evaluation_then_in_the_averaging(ar_run, straight_conversion,
+                                                              tmp_path, monkeypatch):
+  """Step 6's held-out losses rank it among the decay checkpoints: the stop saves it scored.
+  A stop during the final averaging lets it end, evaluated and saved."""
+  with monkeypatch.context() as m:
+    sent = sigterm_in(m, "evaluate", evaluating_step(tmp_path, 6))
+    with pytest.raises(DharaError) as stop:
+      conversion(ar_run, tmp_path)
+  assert sent and str(stop.value) == stopped_line(tmp_path, 6)
+  with monkeypatch.context() as m:
+    sent = sigterm_in(m, "_average_best")
+    assert conversion(ar_run, tmp_path)["start_step"] == 6
+  assert sent and read_metrics(tmp_path)[-1]["averaged_steps"] != []
+  assert conversion(ar_run, tmp_path)["start_step"] == 8  # nothing left to do
+  assert_same_outcome(tmp_path, straight_conversion)
+
+
+def test_sigterm_in_a_warmup_evaluation_then_in_the_final_one(ar_run, straight_conversion,
+                                                              tmp_path, monkeypatch):
+  with monkeypatch.context() as m:
+    sent = sigterm_in(m, "evaluate", evaluating_step(tmp_path, 2))
+    with pytest.raises(DharaError) as stop:
+      conversion(ar_run, tmp_path)
+  assert sent and str(stop.value) == stopped_line(tmp_path, 2)
+  with monkeypatch.context() as m:
+    sent = sigterm_in(m, "evaluate", evaluating_step(tmp_path, 8))
+    assert conversion(ar_run, tmp_path)["start_step"] == 2
+  assert sent
+  assert_same_outcome(tmp_path, straight_conversion)
+
+
+@pytest.mark.parametrize("override,message", [
+    ("convert.tokens=4096", "was planned for 2048 tokens (8 steps), this config's budget is 4096 "
+                            "tokens (16 steps; convert.tokens, convert.token_fraction)"),
+    ("convert.decay_share=0.25", "was planned with stage 2 'stable mdm to step 4', this config "
+                                 "plans 'stable mdm to step 6' (convert.*_blocks, "
+                                 "convert.*_share)"),
+])
+def test_a_conversion_resumed_under_another_plan_is_refused(ar_run, straight_conversion, capsys,
+                                                            override, message):
+  record = (straight_conversion / "conversion.json").read_text()
+  shares = ["convert.stable_share=0.5"] if override.startswith("convert.decay_share") else []
+  code = main(["convert", str(ar_run), "--config", RECIPE, "--run-dir", str(straight_conversion),
+               "--no-progress", *CONVERT, override, *shares])
+  assert code == 2 and capsys.readouterr().err.splitlines() == [
+      f"error: convert: {straight_conversion} {message}; resume with the settings it started "
+      "with, or use a new --run-dir"]
+  assert (straight_conversion / "conversion.json").read_text() == record
+  assert json.loads(record)["stages"][-1] == "decay block 16 to step 8"
