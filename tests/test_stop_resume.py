@@ -8,6 +8,7 @@ The signal is a real SIGTERM, sent by this process to itself from inside the loo
 
 import json
 import os
+import shutil
 import signal
 
 import jax
@@ -23,12 +24,13 @@ from dhara_jax.runs import open_run
 from test_convert import AR, RECIPE
 from test_train import TINY_RUN
 
-# 8 conversion steps: warmup at block 1 (2), stable mdm (2), decay at block 16 (4); held-out
-# losses every 2 steps, so the decay steps 6 and 8 are scored and the final model is their mean.
-CONVERT = ["convert.warmup_blocks=[1]", "convert.decay_blocks=[16]", "convert.tokens=2048",
-           "convert.warmup_share=0.25", "convert.stable_share=0.25", "convert.decay_share=0.5",
-           "convert.average_top_k=2", "train.eval_every=2", "train.eval_batches=1",
-           "train.checkpoint_every=4", "train.keep_checkpoints=2"]
+# 8 conversion steps: warmup (2) and decay (4) at block 16 around stable mdm (2), two phases to
+# compile; held-out losses every 2 steps, so the decay steps 6 and 8 are scored and the final
+# model is their mean.
+CONVERT = ["convert.warmup_blocks=[16]", "convert.decay_blocks=[16]", "convert.mask_noise=0",
+           "convert.tokens=2048", "convert.warmup_share=0.25", "convert.stable_share=0.25",
+           "convert.decay_share=0.5", "convert.average_top_k=2", "train.eval_every=2",
+           "train.eval_batches=1", "train.checkpoint_every=4", "train.keep_checkpoints=2"]
 
 
 def train(run_dir):
@@ -116,35 +118,41 @@ def test_sigterm_in_a_training_evaluation_then_in_the_last(straight_train, tmp_p
   assert_same_outcome(tmp_path, straight_train)
 
 
-def test_sigterm_in_a_scored_evaluation_then_in_the_averaging(ar_run, straight_conversion,
-                                                              tmp_path, monkeypatch):
-  """Step 6's held-out losses rank it among the decay checkpoints: the stop saves it scored.
-  A stop during the final averaging lets it end, evaluated and saved."""
-  with monkeypatch.context() as m:
-    sent = sigterm_in(m, "evaluate", evaluating_step(tmp_path, 6))
+@pytest.fixture(scope="module")
+def stopped_conversion(ar_run, tmp_path_factory):
+  """A conversion stopped by SIGTERM during step 6's evaluation, and its stop line."""
+  run_dir = tmp_path_factory.mktemp("stopped")
+  with pytest.MonkeyPatch.context() as m:
+    sent = sigterm_in(m, "evaluate", evaluating_step(run_dir, 6))
     with pytest.raises(DharaError) as stop:
-      conversion(ar_run, tmp_path)
-  assert sent and str(stop.value) == stopped_line(tmp_path, 6)
-  with monkeypatch.context() as m:
-    sent = sigterm_in(m, "_average_best")
-    assert conversion(ar_run, tmp_path)["start_step"] == 6
-  assert sent and read_metrics(tmp_path)[-1]["averaged_steps"] != []
-  assert conversion(ar_run, tmp_path)["start_step"] == 8  # nothing left to do
-  assert_same_outcome(tmp_path, straight_conversion)
-
-
-def test_sigterm_in_a_warmup_evaluation_then_in_the_final_one(ar_run, straight_conversion,
-                                                              tmp_path, monkeypatch):
-  with monkeypatch.context() as m:
-    sent = sigterm_in(m, "evaluate", evaluating_step(tmp_path, 2))
-    with pytest.raises(DharaError) as stop:
-      conversion(ar_run, tmp_path)
-  assert sent and str(stop.value) == stopped_line(tmp_path, 2)
-  with monkeypatch.context() as m:
-    sent = sigterm_in(m, "evaluate", evaluating_step(tmp_path, 8))
-    assert conversion(ar_run, tmp_path)["start_step"] == 2
+      conversion(ar_run, run_dir)
   assert sent
-  assert_same_outcome(tmp_path, straight_conversion)
+  return run_dir, str(stop.value)
+
+
+def test_sigterm_in_a_conversion_evaluation_saves_the_step_scored(stopped_conversion):
+  """Step 6's held-out losses rank it among the decay checkpoints: the stop waits for them,
+  then saves the step with its score and its whole row."""
+  run_dir, line = stopped_conversion
+  assert line == stopped_line(run_dir, 6)
+  assert {"eval_loss", "diffusion_loss"} <= set(read_metrics(run_dir)[-1])
+  with open_run(run_dir) as run:
+    assert run.checkpoints.scores() == {6: read_metrics(run_dir)[-1]["diffusion_loss"]}
+
+
+@pytest.mark.parametrize("where", ["evaluate", "_average_best"])
+def test_sigterm_at_the_last_step_of_a_conversion(ar_run, stopped_conversion, straight_conversion,
+                                                  tmp_path, monkeypatch, where):
+  """During the last step's evaluation or the averaging after it, the run still ends whole:
+  averaged, evaluated and saved; running it again has nothing left to do."""
+  run_dir = tmp_path / "run"
+  shutil.copytree(stopped_conversion[0], run_dir)
+  with monkeypatch.context() as m:
+    sent = sigterm_in(m, where, evaluating_step(run_dir, 8))
+    assert conversion(ar_run, run_dir)["start_step"] == 6
+  assert sent and len(read_metrics(run_dir)[-1]["averaged_steps"]) == 2
+  assert conversion(ar_run, run_dir)["start_step"] == 8
+  assert_same_outcome(run_dir, straight_conversion)
 
 
 @pytest.mark.parametrize("override,message", [
