@@ -21,6 +21,7 @@ from dhara_jax.convert import convert
 from dhara_jax.errors import DharaError
 from dhara_jax.metrics import read_metrics
 from dhara_jax.runs import open_run
+from dhara_jax.stopping import DataStop
 from test_convert import AR, RECIPE
 from test_train import TINY_RUN
 
@@ -33,8 +34,9 @@ CONVERT = ["convert.warmup_blocks=[16]", "convert.decay_blocks=[16]", "convert.m
            "train.eval_batches=1", "train.checkpoint_every=4", "train.keep_checkpoints=2"]
 
 
-def train(run_dir):
-  return loop.run(config.load("configs/runs/quickstart.yaml", TINY_RUN), run_dir, progress=False)
+def train(run_dir, data=loop.pipeline_data):
+  return loop.run(config.load("configs/runs/quickstart.yaml", TINY_RUN), run_dir, data,
+                  progress=False)
 
 
 def conversion(ar_run, run_dir, *overrides):
@@ -115,6 +117,27 @@ def test_sigterm_in_a_training_evaluation_then_in_the_last(straight_train, tmp_p
     sent = sigterm_in(m, "evaluate", evaluating_step(tmp_path, 6))
     assert train(tmp_path)["start_step"] == 4
   assert sent
+  assert_same_outcome(tmp_path, straight_train)
+
+
+def test_a_failed_evaluation_leaves_its_step_unsaved_and_resumes_whole(straight_train,
+                                                                      tmp_path):
+  """The held-out data end early at step 4's evaluation: steps up to 3 keep their rows, step 4
+  is not saved owing its row, and the mended run trains it again."""
+  def data(cfg, mesh):
+    out = loop.pipeline_data(cfg, mesh)
+    held_out, failing = out.eval_batches, evaluating_step(tmp_path, 4)
+    out.eval_batches = lambda: iter([]) if failing() else held_out()
+    return out
+
+  with pytest.raises(DataStop) as stop:
+    train(tmp_path, data)
+  assert str(stop.value).startswith("data: the held-out data ran out before ")
+  assert str(stop.value).endswith(
+      f"; stopped after step 3, latest checkpoint is step 2 in {tmp_path / 'checkpoints'}; mend "
+      "that and run the same command to resume")
+  assert [r["step"] for r in read_metrics(tmp_path)] == [0, 1, 2, 3]
+  assert train(tmp_path)["start_step"] == 2
   assert_same_outcome(tmp_path, straight_train)
 
 
