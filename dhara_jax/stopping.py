@@ -94,7 +94,8 @@ def stops_end_command(end: Callable[[Stopped], NoReturn]) -> Iterator[None]:
   finally:
     for s, handler in previous.items():
       signal.signal(s, handler)
-    sys.unraisablehook = hook
+    if sys.unraisablehook is dropped:  # else a hook set over ours (orbax_quiet's) calls it
+      sys.unraisablehook = hook
 
 
 class DataStop(DharaError):
