@@ -94,3 +94,12 @@ def test_a_usage_error_is_one_line_with_a_hint(command, argv, message, capsys):
   assert exit_info.value.code == 2
   assert capsys.readouterr().err == (
       f"dhara {command}: error: {message} (see dhara {command} --help)\n")
+
+
+def test_help_loads_no_jax():
+  """The command line, its stop handling included, loads JAX only when a command runs."""
+  code = ("import sys\nfrom dhara_jax import cli\ntry:\n  cli.main(['eval', '--help'])\n"
+          "except SystemExit:\n  pass\nassert 'jax' not in sys.modules, 'jax loaded'\n")
+  proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                        timeout=TIMEOUT_S)
+  assert proc.returncode == 0 and "usage: dhara eval" in proc.stdout, proc.stderr
