@@ -1,4 +1,6 @@
-"""`dhara` command line. Every user error is one line on stderr and exit status 2."""
+"""`dhara` command line. Every user error is one line on stderr and exit status 2; a stop signal
+(SIGTERM, SIGINT) is one line too, and exit status 128 + its number unless the command saved
+its step first (train, convert: status 2)."""
 
 # Each command's builder (`_add_NAME`: its options) sits beside its handler (`_NAME`: what it
 # runs); handlers import their modules when they run, so that --help does not load JAX.
@@ -6,16 +8,34 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sys
+import threading
+from typing import NoReturn
 
 from dhara_jax import compile_cache, distributed
 from dhara_jax.arg_types import non_negative_int, positive_int, positive_ints
 from dhara_jax.errors import DharaError
 from dhara_jax.sampler_options import SAMPLER_KEYS, add_sampler_args, option_flag, sampler_options
+from dhara_jax.stopping import Stopped, stops_end_command
 
 Commands = argparse._SubParsersAction  # what add_subparsers returns (argparse keeps it private)
+
+
+class Parser(argparse.ArgumentParser):
+  """A usage error is one line, `dhara CMD: error: MSG (see dhara CMD --help)`, and exit
+  status 2 (argparse's own prints the usage first). Subcommands' parsers are of this class
+  too (add_subparsers makes them of its parser's class)."""
+
+  def error(self, message: str) -> NoReturn:
+    usage_error(self.prog, message)
+
+
+def usage_error(prog: str, message: str) -> NoReturn:
+  print(f"{prog}: error: {message} (see {prog} --help)", file=sys.stderr)
+  sys.exit(2)
 
 
 def _add_overrides(p: argparse.ArgumentParser, example: str = "") -> None:
@@ -161,6 +181,8 @@ def _add_export(sub: Commands) -> None:
   p.add_argument("--step", type=non_negative_int, default=None, help="default: latest checkpoint")
   p.add_argument("--code", choices=("auto", "transformers", "custom"), default="auto",
                  help="transformers class or custom code (auto: the class when it fits)")
+  p.add_argument("--force", action="store_true", help="replace whatever --out holds (without "
+                 "it, only an export of the same run and architecture is replaced)")
   add_launch_args(p)
   p.set_defaults(func=_export)
 
@@ -168,7 +190,7 @@ def _add_export(sub: Commands) -> None:
 def _export(args: argparse.Namespace) -> int:
   from dhara_jax.runs import export_run
 
-  out = export_run(args.run_dir, args.out, args.step, args.code)
+  out = export_run(args.run_dir, args.out, args.step, args.code, force=args.force)
   if distributed.speaks_for_job():
     print(f"exported: {out}")
   return 0
@@ -490,7 +512,7 @@ COMMANDS = (_add_params, _add_train, _add_convert, _add_export, _add_import, _ad
 
 
 def build_parser() -> argparse.ArgumentParser:
-  parser = argparse.ArgumentParser(prog="dhara", description=__doc__)
+  parser = Parser(prog="dhara", description=__doc__)
   sub = parser.add_subparsers(dest="command", required=True)
   for add in COMMANDS:
     add(sub)
@@ -513,19 +535,28 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
   late = [a for a in rest if "=" in a and not a.startswith("-")]
   unknown = [a for a in rest if a not in late]
   if unknown or (late and not hasattr(args, "overrides")):
-    parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    usage_error(f"dhara {command_name(args)}", f"unrecognized arguments: {' '.join(rest)}")
   if late:
     args.overrides = [*args.overrides, *late]
   return args
 
 
+def command_name(args: argparse.Namespace) -> str:
+  """e.g. "eval", "bench throughput" (`action`: the subcommand of bench, data, tokenizer)."""
+  return " ".join(a for a in (args.command, getattr(args, "action", None)) if a)
+
+
 def main(argv: list[str] | None = None) -> int:
   compile_cache.enable()  # before any command imports JAX
   args = parse(argv)
+  stopped = functools.partial(_end_stopped, command_name(args))
   try:
-    if hasattr(args, "coordinator"):
-      _start_job(args)
-    return args.func(args)
+    with stops_end_command(stopped):  # before the job starts: JAX's notifier goes over it
+      if hasattr(args, "coordinator"):
+        _start_job(args)
+      return args.func(args)
+  except Stopped as stop:  # train and convert save their step first, and raise a DharaError
+    stopped(stop)
   except DharaError as e:
     print(f"error: {e}", file=sys.stderr)
     if getattr(e, "stuck", False):  # a stuck data reader thread would keep the process alive
@@ -533,8 +564,9 @@ def main(argv: list[str] | None = None) -> int:
       sys.stderr.flush()
       os._exit(2)
     return 2
-  except KeyboardInterrupt:
-    print("error: interrupted", file=sys.stderr)
+  except KeyboardInterrupt:  # SIGINT where stops_end_command could not take it
+    print(f"error: {command_name(args)}: stopped by SIGINT; run the same command again",
+          file=sys.stderr)
     return 130
   except BrokenPipeError:  # e.g. `dhara params ... | head`: the reader left, nothing to report
     os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
@@ -543,6 +575,21 @@ def main(argv: list[str] | None = None) -> int:
     where = f" ({e.filename})" if e.filename else ""
     print(f"error: {e.strerror or e}{where}", file=sys.stderr)
     return 2
+
+
+_ENDING = threading.Lock()
+
+
+def _end_stopped(command: str, stop: Stopped) -> NoReturn:
+  """The stop's one line, then the process ends at once: JAX's threads may be mid-compile or
+  mid-run, and the interpreter's teardown around them can crash (SIGSEGV) or wait for them.
+  Called by the main thread or by the stop's watchdog, whichever comes first."""
+  with _ENDING:  # the second caller waits here until the first has ended the process
+    print(f"error: {command}: stopped by {stop.signal}; run the same command again",
+          file=sys.stderr)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(128 + stop.signum)
 
 
 if __name__ == "__main__":

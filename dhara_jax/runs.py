@@ -21,9 +21,10 @@ from dhara_jax import config as config_lib
 from dhara_jax.checkpoint import Checkpointer
 from dhara_jax.config import Config, DataConfig, MeshConfig
 from dhara_jax.errors import DharaError
-from dhara_jax.export import export_hf, import_hf
+from dhara_jax.export import import_hf, place
 from dhara_jax.export.card import read_summary, write_model_card
 from dhara_jax.export.gguf import transformers_dir
+from dhara_jax.export.io import write_hf
 from dhara_jax.export.tokenizer import import_tokenizer, write_token_ids, write_tokenizer
 from dhara_jax.loop import prepare_run_dir
 from dhara_jax.phases import Phase, run_phase
@@ -136,15 +137,20 @@ def load_run(run_dir: str | Path, step: int | None = None) -> LoadedRun:
     return run.load(step)
 
 
-def export_run(run_dir: Path, out: Path, step: int | None = None, code: str = "auto") -> Path:
+def export_run(run_dir: Path, out: Path, step: int | None = None, code: str = "auto",
+               force: bool = False) -> Path:
   """The transformers directory of checkpoint `step` (default: latest), with the run's
   tokenizer (its special ids then fill config.json) and a README.md model card carrying
-  `eval/summary.json` when the run has one."""
+  `eval/summary.json` when the run has one. It replaces `out` whole once complete, and only
+  an export of the same run and architecture unless `force` (export/place.py)."""
   run_dir = Path(run_dir)
   summary_path = run_dir / "eval" / "summary.json"
   summary = read_summary(summary_path)  # a damaged one fails before anything is written
   with open_run(run_dir) as run:
     cfg, step = run.cfg, run.step(step)
+    identity = place.record(run_dir, step, cfg.model, code)
+    # Before the checkpoint is read.
+    place.check_replaceable(out, identity, force, keep=(str(run.checkpoints.directory),))
     params = run.params(step)
     tokenizer = _export_tokenizer(run, step)
   # Every process reads the checkpoint (orbax's reads are collective) and holds all of the
@@ -153,17 +159,18 @@ def export_run(run_dir: Path, out: Path, step: int | None = None, code: str = "a
   params = jax.tree.map(np.asarray, params)
   if jax.process_index() != 0:
     return Path(out)
-  out = export_hf(cfg.model, params, out, code)
-  if tokenizer is not None:
-    write_tokenizer(tokenizer, out, cfg.model.max_seq_len)
-    write_token_ids(out, tokenizer)
   if summary is not None and summary.get("step") not in (None, step):
     log.warning("export: %s is of step %s, the export of step %d", summary_path,
                 summary["step"], step)
   num_params = sum(int(np.size(x)) for x in jax.tree.leaves(params))
-  write_model_card(out, run_dir.resolve().name, summary,
-                   {**dataclasses.asdict(cfg.model), "num_params": num_params})
-  return out
+  with place.staged(out, identity) as folder:
+    write_hf(cfg.model, params, folder, code)
+    if tokenizer is not None:
+      write_tokenizer(tokenizer, folder, cfg.model.max_seq_len)
+      write_token_ids(folder, tokenizer)
+    write_model_card(folder, run_dir.resolve().name, summary,
+                     {**dataclasses.asdict(cfg.model), "num_params": num_params})
+  return Path(out)
 
 
 def _export_tokenizer(run: RunDir, step: int) -> Tokenizer | None:

@@ -12,6 +12,10 @@ preemption notifier (installed by `jax.distributed.initialize`), SIGINT is passe
 SIGTERM, and every process asks JAX's preemption sync point at every step whether the job
 stops there. Waits for data are then cut by their timeout only (a wait cut on one process
 alone would leave the others waiting for it in the next step).
+
+Every other command (and train or convert outside their loop) ends at a stop signal by raising
+`Stopped` (`stops_end_command`), which the CLI reports in one line; what it was writing is left
+as it was, since every write is whole or nothing (files.py).
 """
 
 from __future__ import annotations
@@ -20,8 +24,9 @@ import contextlib
 import json
 import os
 import signal
+import sys
 import threading
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator, NoReturn
 
 from dhara_jax import distributed
 from dhara_jax.errors import DharaError
@@ -32,6 +37,65 @@ SIGNALS = (signal.SIGTERM, signal.SIGINT)
 class WaitEnded(BaseException):
   """Ends a wait for data. A BaseException, like KeyboardInterrupt, so that no `except
   Exception` inside the data pipeline can swallow it."""
+
+
+class Stopped(BaseException):
+  """A stop signal ends the command. A BaseException, like KeyboardInterrupt, so that no
+  `except Exception` on the way up can swallow it."""
+
+  def __init__(self, signum: int):
+    super().__init__(signal.Signals(signum).name)
+    self.signum, self.signal = signum, signal.Signals(signum).name
+
+
+# How long the main thread has to take a `Stopped` to the CLI before the process ends anyway.
+STOP_GRACE_S = 3.0
+
+
+@contextlib.contextmanager
+def stops_end_command(end: Callable[[Stopped], NoReturn]) -> Iterator[None]:
+  """Within the block SIGTERM and SIGINT raise `Stopped` in the main thread, for the caller to
+  catch and pass to `end` (which reports it and ends the process); a second signal gets the
+  previous action (SIGTERM kills). A run's loop installs `StopSignals` inside the block, to
+  checkpoint its step first; JAX's preemption notifier, installed later by a job of several
+  processes, takes SIGTERM over.
+
+  Python drops an exception raised where it runs a garbage-collector callback or a __del__
+  (after passing it to sys.unraisablehook, which then calls `end`), and runs no handler while
+  the main thread is inside a long native call (an XLA compile): a watchdog thread calls `end`
+  itself if the process still runs STOP_GRACE_S later."""
+  if threading.current_thread() is not threading.main_thread():  # no signals reach others
+    yield
+    return
+  # A signal ignored by whoever started us (nohup, a background job's SIGINT) stays ignored;
+  # None: a handler installed outside Python, which has the default action when ours goes.
+  previous = {s: signal.SIG_DFL if h is None else h
+              for s in SIGNALS if (h := signal.getsignal(s)) != signal.SIG_IGN}
+
+  def stop(signum: int, frame) -> None:
+    for s, handler in previous.items():
+      signal.signal(s, handler)
+    stopped = Stopped(signum)
+    watchdog = threading.Timer(STOP_GRACE_S, end, (stopped,))
+    watchdog.daemon = True
+    watchdog.start()
+    raise stopped
+
+  def dropped(unraisable) -> None:
+    if isinstance(unraisable.exc_value, Stopped):
+      end(unraisable.exc_value)
+    hook(unraisable)
+
+  hook, sys.unraisablehook = sys.unraisablehook, dropped
+  for s in previous:
+    signal.signal(s, stop)
+  try:
+    yield
+  finally:
+    for s, handler in previous.items():
+      signal.signal(s, handler)
+    if sys.unraisablehook is dropped:  # else a hook set over ours (orbax_quiet's) calls it
+      sys.unraisablehook = hook
 
 
 class DataStop(DharaError):

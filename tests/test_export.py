@@ -1,19 +1,27 @@
 """Export every family to its transformers class and compare logits in PyTorch (fp32, CPU)."""
 
+import errno
 import json
+import os
+import shutil
 import subprocess
 import sys
 
 import jax
 import numpy as np
 import pytest
+from safetensors import SafetensorError
 from tiny import random_params, tiny_config
 
+from dhara_jax.cli import main
 from dhara_jax.config import FAMILIES
 from dhara_jax.errors import DharaError
 from dhara_jax.export import export_hf, hf_config, import_hf
+from dhara_jax.export import io as export_io
 from dhara_jax.export.parity import load_torch_model, torch_logits
+from dhara_jax.export.place import RECORD
 from dhara_jax.model import forward
+from dhara_jax.runs import import_into_run
 
 
 TOL = 1e-4
@@ -152,3 +160,83 @@ def test_export_to_unwritable_place_is_one_clear_error(tmp_path):
   cfg = tiny_config("llama3")
   with pytest.raises(DharaError, match="cannot write"):
     export_hf(cfg, random_params(cfg), blocker / "sub")
+
+
+# --- `dhara export` onto what a folder already holds -------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def two_runs(tmp_path_factory):
+  """A run (a tiny random llama3, imported at step 0) and a copy of it elsewhere: another run."""
+  root = tmp_path_factory.mktemp("runs")
+  cfg = tiny_config("llama3")
+  import_into_run(export_hf(cfg, random_params(cfg), root / "source"), root / "run")
+  shutil.copytree(root / "run", root / "other")
+  return root / "run", root / "other"
+
+
+def _export(capsys, run_dir, out, *options):
+  """`dhara export`: (exit status, its error lines)."""
+  code = main(["export", str(run_dir), "--out", str(out), *options])
+  err = capsys.readouterr().err
+  assert "Traceback" not in err
+  return code, [line for line in err.splitlines() if line.startswith("error")]
+
+
+def _contents(folder):
+  return {p.name: p.read_bytes() for p in folder.iterdir()}
+
+
+@pytest.mark.parametrize("failure", [
+    OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)),
+    # what safetensors' writer raises on a full disk
+    SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")])
+def test_export_onto_a_full_disk_is_one_line_and_keeps_the_previous_export(
+    two_runs, tmp_path, capsys, monkeypatch, failure):
+  run, _ = two_runs
+  out = tmp_path / "hf"
+  assert _export(capsys, run, out) == (0, [])
+  before = _contents(out)
+
+  def full_disk(*args, **kwargs):
+    raise failure
+
+  monkeypatch.setattr(export_io, "save_file", full_disk)
+  assert _export(capsys, run, out) == (
+      2, [f"error: export: cannot write {out}: No space left on device"])
+  assert _contents(out) == before
+  assert os.listdir(tmp_path) == ["hf"]  # no temp folder left beside it
+
+
+def test_export_replaces_only_an_export_of_the_same_run_unless_forced(two_runs, tmp_path,
+                                                                      capsys):
+  run, other = two_runs
+  out = tmp_path / "hf"
+  assert _export(capsys, run, out) == (0, [])
+  assert json.loads((out / RECORD).read_text())["run"] == str(run.resolve())
+  before = _contents(out)
+  assert _export(capsys, other, out) == (2, [
+      f"error: export: {out} holds the export of {run.resolve()} step 0 as LlamaForCausalLM "
+      "(another run); choose another --out, or add --force to replace it"])
+  assert _export(capsys, run, out, "--code", "custom") == (2, [
+      f"error: export: {out} holds the export of {run.resolve()} step 0 as LlamaForCausalLM "
+      "(not DharaForCausalLM); choose another --out, or add --force to replace it"])
+  assert _contents(out) == before
+  assert _export(capsys, run, out) == (0, [])  # the same run's export is replaced
+  assert _export(capsys, other, out, "--force") == (0, [])
+  assert json.loads((out / RECORD).read_text())["run"] == str(other.resolve())
+  assert os.listdir(tmp_path) == ["hf"]  # the replaced export is gone, no temp folder left
+
+
+def test_export_refuses_a_folder_of_other_files_and_never_replaces_the_run(two_runs, tmp_path,
+                                                                           capsys):
+  run, _ = two_runs
+  (tmp_path / "notes.txt").write_text("mine")
+  assert _export(capsys, run, tmp_path) == (2, [
+      f"error: export: {tmp_path} holds files that are not an export (notes.txt); choose "
+      "another --out, or add --force to replace it"])
+  assert _export(capsys, run, run.parent, "--force") == (2, [
+      f"error: export: --out {run.parent} holds {run.resolve()}, part of the run it exports; "
+      "choose another --out"])
+  assert _export(capsys, run, run / "checkpoints", "--force")[0] == 2
+  assert (tmp_path / "notes.txt").read_text() == "mine" and (run / "checkpoints").is_dir()

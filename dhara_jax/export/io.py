@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from pathlib import Path
 from typing import Any
 
@@ -37,25 +38,55 @@ def uses_custom_code(cfg: ModelConfig, code: str = "auto") -> bool:
     return True
 
 
+def architecture(cfg: ModelConfig, code: str = "auto") -> str:
+  """The class config.json names (`architectures`), e.g. LlamaForCausalLM."""
+  if uses_custom_code(cfg, code):
+    return custom.hf_architecture(cfg)
+  return hf.family_spec(cfg).architecture
+
+
 def export_hf(cfg: ModelConfig, params: Any, out_dir: str | Path, code: str = "auto") -> Path:
   """Writes a directory `AutoModelForCausalLM.from_pretrained` loads (with
   `trust_remote_code=True` when custom code is used). torch is never imported here."""
   out = Path(out_dir)
-  if uses_custom_code(cfg, code):
-    tensors = hf.apply_forward(custom.entries(cfg), params)
-    config = custom.config_json(cfg)
-  else:
-    tensors = hf.to_hf_state_dict(cfg, params)
-    config = hf.hf_config(cfg)
+  tensors, config = _contents(cfg, params, code)  # a config no class expresses: nothing made
   try:
     out.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
-    if config["model_type"] == "dhara":
-      custom.write_code(out)
-    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    _write(out, tensors, config)
   except OSError as e:
     raise DharaError(f"export: cannot write {out}: {e.strerror or e}") from None
   return out
+
+
+def write_hf(cfg: ModelConfig, params: Any, folder: Path, code: str = "auto") -> None:
+  """`export_hf`'s files into the existing `folder`; a failed write is an OSError, for the
+  caller to name the place (`dhara export` writes into a temp folder)."""
+  _write(Path(folder), *_contents(cfg, params, code))
+
+
+def _contents(cfg: ModelConfig, params: Any, code: str) -> tuple[hf.Arrays, dict]:
+  if uses_custom_code(cfg, code):
+    return hf.apply_forward(custom.entries(cfg), params), custom.config_json(cfg)
+  return hf.to_hf_state_dict(cfg, params), hf.hf_config(cfg)
+
+
+def _write(out: Path, tensors: hf.Arrays, config: dict) -> None:
+  try:
+    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+  except SafetensorError as e:  # the writer's error type for its I/O errors too
+    raise _os_error(e) from None
+  if config["model_type"] == "dhara":
+    custom.write_code(out)
+  (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+
+
+def _os_error(e: SafetensorError) -> OSError:
+  """The OSError inside safetensors' message (`... I/O error: No space left on device (os
+  error 28)`), or one carrying its first line."""
+  found = re.search(r"I/O error: (.+) \(os error (\d+)\)", str(e))
+  if found:
+    return OSError(int(found[2]), found[1])
+  return OSError(str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__)
 
 
 def import_hf(hf_dir: str | Path) -> tuple[ModelConfig, dict]:
