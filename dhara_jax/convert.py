@@ -149,7 +149,7 @@ def convert(ar_run: Path, spec: str | Path, overrides: list[str], run_dir: Path,
       return plan
 
     return run(cfg, run_dir, stop_at=stop_at, progress=progress, plan=record_start,
-               initial_params=ar_params)
+               initial_params=ar_params, command="convert")
 
 
 def _read_record(run_dir: Path) -> dict | None:

@@ -124,13 +124,14 @@ def model_inputs(batch: dict) -> dict:
 def run(cfg: Config, run_dir: Path, data: Callable[[Config, Mesh], Data] = pipeline_data, *,
         stop_at: int | None = None, progress: bool = True,
         plan: Callable[[Config], Plan] = run_plan,
-        initial_params: Callable[[Config, Any], Any] | None = None) -> dict:
+        initial_params: Callable[[Config, Any], Any] | None = None,
+        command: str = "train") -> dict:
   """Trains until `train.steps` (or `stop_at`, if earlier); returns a summary dict.
 
   `plan` gives each step's objective (one stage for `dhara train`, the WSD ladder for
   `dhara convert`); `initial_params(cfg, mesh)`, when given, starts a new run from those
   weights (in the run's parameter shardings on `mesh`, with a fresh optimizer) instead of
-  random ones."""
+  random ones. `command` names the run in a stop's message (`convert: stopped by SIGTERM`)."""
   if cfg.train.multihost:  # before anything touches JAX; a no-op if the CLI started the job
     distributed.start(distributed.Launch(detect=True), preemption=True)
   cfg.check_rows_fit_model()
@@ -193,7 +194,8 @@ def run(cfg: Config, run_dir: Path, data: Callable[[Config, Mesh], Data] = pipel
     signals = cleanup.enter_context(StopSignals(several=jax.process_count() > 1))
     return _loop(cfg, mesh, tx, shardings, state, data, checkpoints, metrics, resolved,
                  start=latest or 0, last=min(cfg.train.steps, stop_at or cfg.train.steps),
-                 last_good=latest, progress=progress, signals=signals, plan=steps_plan)
+                 last_good=latest, progress=progress, signals=signals, plan=steps_plan,
+                 command=command)
 
 
 @contextlib.contextmanager
@@ -238,7 +240,7 @@ class _Steps:
 def _loop(cfg: Config, mesh: Mesh, tx: Any, shardings: Any, state: Any, data: Data,
           checkpoints: Checkpointer, metrics: MetricsWriter, resolved: dict, *, start: int,
           last: int, last_good: int | None, progress: bool, signals: StopSignals,
-          plan: Plan) -> dict:
+          plan: Plan, command: str) -> dict:
   steps = _Steps(cfg, mesh, tx, shardings)
   flops_per_token = count_params(cfg.model, cfg.data.seq_len)["flops_per_token"]
   epochs = f" (data.num_epochs={cfg.data.num_epochs})"
@@ -327,7 +329,7 @@ def _loop(cfg: Config, mesh: Mesh, tx: Any, shardings: Any, state: Any, data: Da
         last_good = step
       bar(step, loss)
       if stopping and step < last:
-        raise DharaError(_stopped(f"train: stopped by {signals.received}", step, last_good,
+        raise DharaError(_stopped(f"{command}: stopped by {signals.received}", step, last_good,
                                   checkpoints.directory))
   except DataStop as stop:
     # A step whose evaluation failed (`row` unwritten) is not saved: it trains again on resume,
@@ -336,7 +338,7 @@ def _loop(cfg: Config, mesh: Mesh, tx: Any, shardings: Any, state: Any, data: Da
       checkpoints.save(done, state, position, resolved, data.tokenizer)
       last_good = done
     # A signal met while waiting for data reads as one met during a step.
-    why = f"train: stopped by {stop.signal}" if stop.signal else f"{stop}; stopped"
+    why = f"{command}: stopped by {stop.signal}" if stop.signal else f"{stop}; stopped"
     raise DataStop(_stopped(why, done, last_good, checkpoints.directory, mend=not stop.signal),
                    stop.signal, stop.stuck) from None
   return {"steps": last, "start_step": start, "final_loss": loss,

@@ -98,8 +98,8 @@ def assert_same_outcome(run_dir, straight):
       np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
-def stopped_line(run_dir, step):
-  return (f"train: stopped by SIGTERM after step {step}, checkpoint saved in "
+def stopped_line(run_dir, step, command="train"):
+  return (f"{command}: stopped by SIGTERM after step {step}, checkpoint saved in "
           f"{run_dir / 'checkpoints'}; run the same command to resume")
 
 
@@ -157,7 +157,7 @@ def test_sigterm_in_a_conversion_evaluation_saves_the_step_scored(stopped_conver
   """Step 6's held-out losses rank it among the decay checkpoints: the stop waits for them,
   then saves the step with its score and its whole row."""
   run_dir, line = stopped_conversion
-  assert line == stopped_line(run_dir, 6)
+  assert line == stopped_line(run_dir, 6, "convert")
   assert {"eval_loss", "diffusion_loss"} <= set(read_metrics(run_dir)[-1])
   with open_run(run_dir) as run:
     assert run.checkpoints.scores() == {6: read_metrics(run_dir)[-1]["diffusion_loss"]}
