@@ -64,20 +64,19 @@ class ELBOScorer:
     self.cfg, self.phase, self.pad_id, self.progress = cfg, phase, pad_id, progress
     self.mc_samples, self.seed = mc_samples, seed
     self.mesh = mesh if mesh is not None else eval_mesh()
-    self.batcher = Batcher(cfg, batch_tokens // (2 if phase.objective == "block" else 1),
-                           self.mesh)
+    # A block model's forward runs over [x_t ; x_0]: twice the tokens, on rows of whole blocks.
+    self.block = phase.draw_block()
+    self.batcher = Batcher(cfg, batch_tokens // (2 if self.block else 1), self.mesh, self.block)
     self.params = replicated(cfg, params, self.mesh)
-    block = phase.block_size if phase.objective == "block" else 0
-    self._step = jax.jit(functools.partial(_elbo_terms, cfg, block),
+    self._step = jax.jit(functools.partial(_elbo_terms, cfg, self.block),
                          out_shardings=gathered(self.mesh))
-    self.block = block
 
   def rows(self, pairs: Sequence[Pair]) -> list[Row]:
     rows, cut = [], 0
     for i, (context, continuation) in enumerate(pairs):
       if not continuation:
         raise DharaError("eval: a request has an empty continuation")
-      whole = [*context, *continuation][-self.cfg.max_seq_len:]
+      whole = [*context, *continuation][-self.batcher.max_len:]
       length = min(len(continuation), len(whole) - 1)  # token 0 has no predictor
       cut += length < len(continuation)
       if length < 1:
@@ -87,7 +86,7 @@ class ELBOScorer:
         rows.append(Row(whole, [i], (masked, weight, False)))
       if length > 1:
         rows.append(Row(whole, [i], (np.ones(length, bool), 0.0, True)))
-    warn_cut(cut, len(pairs), self.cfg.max_seq_len)
+    warn_cut(cut, len(pairs), self.batcher.max_len)
     return rows
 
   def score(self, pairs: Sequence[Pair]) -> list[Score]:
@@ -98,17 +97,16 @@ class ELBOScorer:
     greedy = np.zeros(len(pairs), bool)
     done: set[int] = set()
     shape = lambda row: self.batcher.shape(len(row.tokens), len(row.payload[0]))  # noqa: E731
-    for (length, width), batch in self.batcher.batches(self.rows(pairs), shape):
-      if self.block and length % self.block:
-        raise DharaError(f"eval: row length {length} is not a multiple of the model's block "
-                         f"size {self.block}")
-      count = self.batcher.rows_for((length, width))
-      x0 = np.full((count, length), self.pad_id, np.int32)
-      segments = np.zeros((count, length), np.int32)
-      masked = np.zeros((count, length), bool)
-      where = np.zeros((count, width), np.int32)  # predictor positions of the continuation
-      weights = np.zeros((count, width), np.float32)  # T / l on its masked tokens
-      for r, row in enumerate(batch):
+    for batch in self.batcher.batches(self.rows(pairs), shape):
+      # Padding (and padding rows) is segment 0: no token of a row's segment 1 attends to it,
+      # and block diffusion's row starts at position 0 in every bucket, so its blocks are the
+      # same blocks in a longer row (masks.block_diffusion_mask).
+      x0 = np.full((batch.count, batch.length), self.pad_id, np.int32)
+      segments = np.zeros((batch.count, batch.length), np.int32)
+      masked = np.zeros((batch.count, batch.length), bool)
+      where = np.zeros((batch.count, batch.width), np.int32)  # the continuation's predictors
+      weights = np.zeros((batch.count, batch.width), np.float32)  # T / l on its masked tokens
+      for r, row in enumerate(batch.rows):
         end, (mask, weight, _) = len(row.tokens), row.payload
         n = len(mask)
         x0[r, :end], segments[r, :end] = row.tokens, 1
@@ -118,7 +116,7 @@ class ELBOScorer:
       with jax.set_mesh(self.mesh), axis_rules():
         nll, all_best = map(np.asarray, self._step(
             self.params, *self.batcher.put(x0, segments, masked, where, weights)))
-      for r, row in enumerate(batch):
+      for r, row in enumerate(batch.rows):
         owner, (mask, _, is_greedy_row) = row.owners[0], row.payload
         if is_greedy_row or len(mask) == 1:
           greedy[owner] = all_best[r]
@@ -126,7 +124,7 @@ class ELBOScorer:
           totals[owner] += nll[r]
           samples[owner] += 1
       if self.progress:
-        finished = {row.owners[0] for row in batch} - done
+        finished = {row.owners[0] for row in batch.rows} - done
         done |= finished
         self.progress(len(finished))
     return [(float(-t / n), bool(g)) for t, n, g in zip(totals, samples, greedy)]

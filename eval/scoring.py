@@ -2,11 +2,13 @@
 and the Monte-Carlo ELBO of a masked-diffusion model (LLaDA's estimator).
 
 Both take token pairs (context, continuation) and return (log-likelihood, is_greedy) per pair.
-Rows are padded to a few bucket lengths (powers of two up to the model's context) and batched
-to a token budget with a fixed number of rows per bucket, so a whole evaluation compiles a
-handful of programs; the batch is cut over the mesh's batch axes when there are several
-devices. Truncation follows lm-eval's HFLM: (context + continuation) keeps its last
-`max_seq_len + 1` tokens, so a too-long context loses its beginning.
+Rows are padded to a few bucket lengths (powers of two up to the model's context; whole blocks
+for a block-diffusion model) and batched up to a token budget; a batch holds the rows its
+bucket has, rounded up to a power of two (times the mesh's batch shards), so a whole
+evaluation compiles a handful of programs and computes little padding. The batch is cut over
+the mesh's batch axes when there are several devices. Truncation follows lm-eval's HFLM:
+(context + continuation) keeps its last `max_seq_len + 1` tokens, so a too-long context loses
+its beginning.
 """
 
 from __future__ import annotations
@@ -47,6 +49,20 @@ def bucket_of(length: int, max_len: int, smallest: int = MIN_BUCKET, factor: int
   return next(b for b in buckets(max_len, smallest, factor) if b >= length)
 
 
+def whole_blocks(length: int, block: int) -> int:
+  """`length` rounded up to whole blocks (unchanged without blocks, `block` 0)."""
+  return -(-length // block) * block if block else length
+
+
+def batch_rows(rows: int, cap: int, shards: int) -> int:
+  """Rows of a batch holding `rows` rows: shards × a power of two, at most `cap` (a multiple of
+  `shards`). Few counts (few programs), and at most half of a batch is padding rows."""
+  per_shard = 1
+  while per_shard * shards < rows:
+    per_shard *= 2
+  return min(per_shard * shards, cap)
+
+
 def rows_per_batch(length: int, batch_tokens: int, shards: int) -> int:
   """Rows of one batch of `length`-token rows: a power of two within the token budget, at
   least one per batch shard."""
@@ -66,37 +82,54 @@ class Row:
   shared: bool = False  # AR: single-token continuations of one input, one read each
 
 
-class Batcher:
-  """Rows grouped by static shape into batches of a fixed row count per shape, on the mesh."""
+@dataclasses.dataclass
+class Batch:
+  """Rows of one static shape, and the row count they are padded to."""
 
-  def __init__(self, cfg: ModelConfig, batch_tokens: int, mesh: Any):
+  length: int  # tokens per row
+  width: int  # reads per row
+  count: int  # rows of the padded batch (≥ len(rows))
+  rows: list[Row]
+
+
+class Batcher:
+  """Rows grouped by static shape into batches on the mesh. A block-diffusion model (`block`
+  > 0) gets rows of whole blocks, at most its context rounded down to whole blocks."""
+
+  def __init__(self, cfg: ModelConfig, batch_tokens: int, mesh: Any, block: int = 0):
     from dhara_jax.sharding import batch_shards
 
     self.cfg, self.batch_tokens, self.mesh = cfg, batch_tokens, mesh
     self.shards = batch_shards(mesh)
+    self.max_len = cfg.max_seq_len // block * block if block else cfg.max_seq_len
+    if self.max_len < 1:
+      raise DharaError(f"eval: the model's block size {block} is longer than its context "
+                       f"{cfg.max_seq_len}")
+    self.smallest = min(whole_blocks(MIN_BUCKET, block), self.max_len)
 
   def shape(self, length: int, reads: int) -> tuple[int, int]:
     """(row length, reads per row) buckets: the head runs on the reads only."""
-    row = bucket_of(length, self.cfg.max_seq_len)
+    row = bucket_of(length, self.max_len, self.smallest)
     # Reads in steps of 4×: the head is cheap next to the trunk, a compile is not.
     return row, bucket_of(reads, row, READ_BUCKET, factor=4)
 
   def batches(self, rows: list[Row], shape: Callable[[Row], tuple[int, int]]
-              ) -> Iterator[tuple[tuple[int, int], list[Row]]]:
-    """(shape, rows) in batches of `rows_for` rows, longest first (a first batch that does not
-    fit in memory fails at once)."""
+              ) -> Iterator[Batch]:
+    """Batches of at most `rows_for` rows, longest first (a first batch that does not fit in
+    memory fails at once)."""
     by_shape: dict[tuple[int, int], list[Row]] = {}
     for row in rows:
       by_shape.setdefault(shape(row), []).append(row)
     for key in sorted(by_shape, reverse=True):
-      group, count = by_shape[key], self.rows_for(key)
-      for start in range(0, len(group), count):
-        yield key, group[start:start + count]
+      group, cap = by_shape[key], self.rows_for(key)
+      for start in range(0, len(group), cap):
+        chunk = group[start:start + cap]
+        yield Batch(*key, batch_rows(len(chunk), cap, self.shards), chunk)
 
   def rows_for(self, shape: tuple[int, int]) -> int:
-    """Rows of a batch of (row length, reads) `shape`: the token budget's, halved while the
-    head's logits would pass HEAD_FLOATS — with a real vocabulary (SmolLM2's 49,152) short rows
-    at the token budget would hold GBs of logits."""
+    """The most rows of a batch of (row length, reads) `shape`: the token budget's, halved
+    while the head's logits would pass HEAD_FLOATS — with a real vocabulary (SmolLM2's 49,152)
+    short rows at the token budget would hold GBs of logits."""
     length, reads = shape
     rows = rows_per_batch(length, self.batch_tokens, self.shards)
     while (rows * reads * self.cfg.vocab_size > HEAD_FLOATS and rows // 2 >= self.shards
@@ -189,18 +222,17 @@ class ARScorer:
     out: list[Score | None] = [None] * len(pairs)
     rows = self.rows(pairs)
     shape = lambda row: self.batcher.shape(len(row.tokens), len(row.payload))  # noqa: E731
-    for (length, width), batch in self.batcher.batches(rows, shape):
-      count = self.batcher.rows_for((length, width))
-      tokens = np.full((count, length), self.pad_id, np.int32)
-      where = np.zeros((count, width), np.int32)
-      targets = np.zeros((count, width), np.int32)
-      for r, row in enumerate(batch):
+    for batch in self.batcher.batches(rows, shape):
+      tokens = np.full((batch.count, batch.length), self.pad_id, np.int32)
+      where = np.zeros((batch.count, batch.width), np.int32)
+      targets = np.zeros((batch.count, batch.width), np.int32)
+      for r, row in enumerate(batch.rows):
         tokens[r, :len(row.tokens)] = row.tokens
         where[r, :len(row.payload)], targets[r, :len(row.payload)] = zip(*row.payload)
       with jax.set_mesh(self.mesh), axis_rules():
         logp, greedy = map(np.asarray, self._step(
             self.params, *self.batcher.put(tokens, where, targets)))
-      for r, row in enumerate(batch):
+      for r, row in enumerate(batch.rows):
         n = len(row.payload)
         if row.shared:
           for k, owner in enumerate(row.owners):
@@ -208,7 +240,7 @@ class ARScorer:
         else:
           out[row.owners[0]] = (float(logp[r, :n].sum()), bool(greedy[r, :n].all()))
       if self.progress:
-        self.progress(sum(len(row.owners) for row in batch))
+        self.progress(sum(len(row.owners) for row in batch.rows))
     return out  # type: ignore[return-value]
 
 
