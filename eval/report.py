@@ -1,9 +1,10 @@
 """`dhara eval`: lm-eval's `simple_evaluate` over a run, its results stored in the run dir, and
 the study's table (scores with standard errors, chance floors, 6- and 7-task averages).
 
-Stored in RUN_DIR/eval/: results.json (lm-eval's results dict, as its CLI writes it),
-samples/<task>.jsonl (every request with its responses), summary.json (one row per reported
-task; `dhara export` puts it in the model card) and table.md.
+Stored in RUN_DIR/eval/, which holds the latest evaluation's files only (replaced whole):
+results.json (lm-eval's results dict, as its CLI writes it), samples/<task>.jsonl (every request
+with its responses), summary.json (one row per reported task; `dhara export` puts it in the
+model card) and table.md.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from typing import Any, Sequence
 import jax
 
 from dhara_jax.errors import DharaError
-from dhara_jax.files import check_writable, write_whole
+from dhara_jax.files import check_writable, whole_folder, write_whole
 from dhara_jax.runs import open_run
 from eval import harness, registry
 from eval.harness import DharaLM, Options
@@ -250,15 +251,21 @@ def _results_json(results: dict) -> str:
 
 
 def store(eval_dir: Path, results: dict, summary: dict) -> None:
+  """RUN_DIR/eval replaced whole: this evaluation's files and no earlier one's (a task
+  evaluated before and not now keeps no samples beside the new results)."""
   from lm_eval.utils import handle_non_serializable
 
-  _write(eval_dir / "results.json", _results_json(results))
+  files = {"results.json": _results_json(results)}
   for task, samples in results.get("samples", {}).items():
-    _write(eval_dir / "samples" / f"{task}.jsonl", "".join(
+    files[f"samples/{task}.jsonl"] = "".join(
         json.dumps(s, default=handle_non_serializable, ensure_ascii=False) + "\n"
-        for s in samples))
-  _write(eval_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
-  _write(eval_dir / "table.md", table(summary) + "\n")
+        for s in samples)
+  files["summary.json"] = json.dumps(summary, indent=2) + "\n"
+  files["table.md"] = table(summary) + "\n"
+  with whole_folder(eval_dir, "eval") as new:
+    for name, text in files.items():
+      (new / name).parent.mkdir(exist_ok=True)
+      (new / name).write_bytes(text.encode())
 
 
 def _write(path: Path, text: str) -> None:
