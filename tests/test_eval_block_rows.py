@@ -1,7 +1,8 @@
 """The ELBO scorer on rows of every length: a request scores the same in its own bucket as inside
 the longest row (same mask draws), for block-diffusion models — whose rows must be whole blocks
-— and for mdm models. Padding is its own segment (0); masks.block_diffusion_mask keeps every
-token of a row's segment from it, in its own block and in later ones."""
+— and for mdm models (tiny LLaMA3-Canon, the quickstart's family). Padding is its own segment
+(0); masks.block_diffusion_mask keeps every token of a row's segment from it, in its own block
+and in later ones, and Canon's convolutions look back only."""
 
 import jax
 import numpy as np
@@ -23,20 +24,16 @@ PHASES = {"block": Phase("block", block_size=BLOCK), "mdm": Phase("mdm")}
 
 @pytest.fixture(scope="module")
 def model():
-  cfg = tiny_config("llama3", "model.attention=bidirectional", "model.mask_token_id=1",
+  cfg = tiny_config("llama3_canon", "model.attention=bidirectional", "model.mask_token_id=1",
                     f"model.max_seq_len={CONTEXT}", "model.num_layers=2", "model.d_model=32",
                     "model.num_heads=2", "model.num_kv_heads=1", "model.mlp_dim=64")
   return cfg, random_params(cfg)
 
 
-def scorers(model, phase):
-  """The scorer as `dhara eval` makes it, and one that puts every row in the longest bucket."""
+def scorer(model, phase):
   cfg, params = model
   one = eval_mesh(jax.devices()[:1])  # a program per shape; the mesh is tested elsewhere
-  own = ELBOScorer(cfg, params, phase, mc_samples=MC_SAMPLES, mesh=one)
-  longest = ELBOScorer(cfg, params, phase, mc_samples=MC_SAMPLES, mesh=one)
-  longest.batcher.smallest = longest.batcher.max_len
-  return own, longest
+  return ELBOScorer(cfg, params, phase, mc_samples=MC_SAMPLES, mesh=one)
 
 
 def edge_lengths(context: int, block: int) -> list[int]:
@@ -64,21 +61,22 @@ def requests(lengths: list[int], seed: int = 0) -> list[tuple[list[int], list[in
 @pytest.mark.parametrize("objective", sorted(PHASES))
 def test_every_row_length_scores_as_inside_the_longest_row(model, objective):
   phase = PHASES[objective]
-  own, longest = scorers(model, phase)
+  elbo = scorer(model, phase)
   lengths = edge_lengths(CONTEXT, phase.draw_block())
   assert 15 in lengths and 16 in lengths and 17 in lengths  # the issue's rows (≤ 16 tokens)
   pairs = requests(lengths)
-  shapes = {own.batcher.shape(len(row.tokens), len(row.payload[0])) for row in own.rows(pairs)}
-  assert {length for length, _ in shapes} == set(buckets(CONTEXT, own.batcher.smallest))
-  got, want = own.score(pairs), longest.score(pairs)
+  shapes = {elbo.batcher.shape(len(row.tokens), len(row.payload[0])) for row in elbo.rows(pairs)}
+  assert {length for length, _ in shapes} == set(buckets(CONTEXT, elbo.batcher.smallest))
+  got = elbo.score(pairs)
+  elbo.batcher.smallest = elbo.batcher.max_len  # every row in the longest bucket
+  want = elbo.score(pairs)
   np.testing.assert_allclose([s for s, _ in got], [s for s, _ in want], rtol=0, atol=TOLERANCE)
   assert [g for _, g in got] == [g for _, g in want]
 
 
 def test_a_one_token_row_is_one_line(model):
-  own, _ = scorers(model, PHASES["block"])
   with pytest.raises(DharaError, match="no context token"):
-    own.score([([], [5])])
+    scorer(model, PHASES["block"]).score([([], [5])])
 
 
 @pytest.mark.parametrize("block,context", [(32, 128), (8, 64), (3, 96), (24, 96), (64, 128),

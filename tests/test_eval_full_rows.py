@@ -88,7 +88,7 @@ def requests():
 @pytest.fixture(scope="module")
 def model():
   tokenizer = load_tokenizer(TOKENIZER)
-  cfg = tiny_config("llama3", "model.attention=bidirectional",
+  cfg = tiny_config("llama3_canon", "model.attention=bidirectional",
                     f"model.mask_token_id={tokenizer.mask_id}",
                     f"model.vocab_size={tokenizer.vocab_size}", f"model.max_seq_len={CONTEXT}",
                     "model.num_layers=2", "model.d_model=32", "model.num_heads=2",
