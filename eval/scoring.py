@@ -56,7 +56,8 @@ def whole_blocks(length: int, block: int) -> int:
 
 def batch_rows(rows: int, cap: int, shards: int) -> int:
   """Rows of a batch holding `rows` rows: shards × a power of two, at most `cap` (a multiple of
-  `shards`). Few counts (few programs), and at most half of a batch is padding rows."""
+  `shards`). Few counts (few programs), and past one row per shard, less than half of a batch
+  is padding rows."""
   per_shard = 1
   while per_shard * shards < rows:
     per_shard *= 2
