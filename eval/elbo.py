@@ -84,8 +84,8 @@ class ELBOScorer:
       samples = 1 if length == 1 else self.mc_samples
       for masked, weight in draws(whole, length, samples, self.seed):
         rows.append(Row(whole, [i], (masked, weight, False)))
-      if length > 1:
-        rows.append(Row(whole, [i], (np.ones(length, bool), 0.0, True)))
+      if length > 1:  # weight 1: every token is checked for the argmax (its NLL is not summed)
+        rows.append(Row(whole, [i], (np.ones(length, bool), 1.0, True)))
     warn_cut(cut, len(pairs), self.batcher.max_len)
     return rows
 

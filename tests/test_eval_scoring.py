@@ -159,6 +159,26 @@ def test_elbo_of_a_block_model_and_its_seeding():
   assert scorer.score(requests[1:])[0] == first[1]
 
 
+@pytest.mark.parametrize("phase", [Phase("mdm"), Phase("block", block_size=4)],
+                         ids=["mdm", "block"])
+def test_elbo_is_greedy_exactly_when_the_masked_continuation_is_the_argmax(phase):
+  """With the whole continuation masked, the argmax tokens make a continuation that is
+  greedy, and changing one of them makes it not. (A block's first token is predicted from the
+  clean stream, which holds the continuation: a second pass fills it in.)"""
+  cfg, params = _diffusion_model()
+  context, best = [5, 9, 17, 3, 22, 8], [0, 0, 0]
+  masked = jnp.asarray([[False] * len(context) + [True] * 3 + [False] * 7])
+  for _ in range(2):
+    logp = np.asarray(_predictor(cfg, phase.draw_block(), params,
+                                 jnp.asarray([context + best + [0] * 7]),
+                                 jnp.asarray([[1] * 9 + [0] * 7]), masked))[0]
+    best = [int(np.argmax(logp[j - 1])) for j in range(len(context), len(context) + 3)]
+  worse = best[:1] + [int(np.argmin(logp[len(context)]))] + best[2:]
+  scores = ELBOScorer(cfg, params, phase, mc_samples=4).score([(context, best),
+                                                               (context, worse)])
+  assert [g for _, g in scores] == [True, False]
+
+
 def test_elbo_refuses_what_it_cannot_score():
   cfg, params = _diffusion_model()
   with pytest.raises(DharaError, match="diffusion"):
