@@ -106,6 +106,7 @@ class Batcher:
     if self.max_len < 1:
       raise DharaError(f"eval: the model's block size {block} is longer than its context "
                        f"{cfg.max_seq_len}")
+    # The smallest bucket (max_len puts every row in the longest: the tests' reference).
     self.smallest = min(whole_blocks(MIN_BUCKET, block), self.max_len)
 
   def shape(self, length: int, reads: int) -> tuple[int, int]:

@@ -34,7 +34,7 @@ CONTEXT, BLOCK = 128, 32
 TOLERANCE = 1e-5
 STUDY = [t.task for t in registry.STUDY_TASKS]
 
-pytestmark = pytest.mark.slow  # lm-eval's task index and the full data: ~30 s to load
+pytestmark = pytest.mark.slow  # lm-eval's task index and the full data: 20–50 s to load
 
 
 def doc_sizes(dataset) -> np.ndarray:
