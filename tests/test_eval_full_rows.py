@@ -51,37 +51,40 @@ def doc_sizes(dataset) -> np.ndarray:
   return sizes
 
 
-def candidate_requests(task, name: str) -> list[tuple[str, str]]:
-  """(context, continuation) strings of the candidate documents, as lm-eval builds them."""
-  task.set_fewshot_seed(SEED)  # what simple_evaluate does
-  docs = task.eval_docs
-  sizes = doc_sizes(docs)
-  order = np.argsort(sizes, kind="stable")
+def built_requests(task, name: str, i: int, doc: dict) -> list[tuple[str, str]]:
+  """(context, continuation) strings of document `i`, as lm-eval builds them."""
+  ctx = task.fewshot_context(doc, num_fewshot=task.config.num_fewshot or 0)
+  built = task.construct_requests(doc=doc, ctx=ctx, metadata=(name, i, 1))
   out = []
-  for i in {*order[:CANDIDATES].tolist(), *order[-CANDIDATES:].tolist()}:
-    doc = docs[i]
-    ctx = task.fewshot_context(doc, num_fewshot=task.config.num_fewshot or 0)
-    built = task.construct_requests(doc=doc, ctx=ctx, metadata=(name, i, 1))
-    for inst in built if isinstance(built, list) else [built]:  # generation: one instance
-      if inst.request_type == "generate_until":
-        out.append((inst.args[0], task.config.target_delimiter + task.doc_to_target(doc)))
-      else:
-        out.append(inst.args[:2])
+  for inst in built if isinstance(built, list) else [built]:  # generation: one instance
+    if inst.request_type == "generate_until":
+      out.append((inst.args[0], task.config.target_delimiter + task.doc_to_target(doc)))
+    else:
+      out.append(inst.args[:2])
   return out
 
 
 @pytest.fixture(scope="module")
 def requests():
-  """{study task: (context, continuation) strings of its candidates}; MMLU's over its 57
-  subjects."""
+  """{study task: (context, continuation) strings of its candidate documents}; MMLU's over
+  its 57 subjects."""
   if not FULL.is_dir():
     pytest.skip(f"full eval data {FULL} not present")
   leaves = registry.task_manager(FULL).load([registry.STUDY])["tasks"]
-  out: dict[str, list[tuple[str, str]]] = {}
+  docs: dict[str, list[tuple[int, str, int]]] = {}  # study task: (size, leaf, index)
+  evaluated = {}  # leaf: its documents (eval_docs processes them again on every call)
   for name, task in leaves.items():
+    task.set_fewshot_seed(SEED)  # what simple_evaluate does
     study = "mmlu" if name.startswith("mmlu_") else name
-    out.setdefault(study, []).extend(candidate_requests(task, name))
-  assert sorted(out) == sorted(STUDY)
+    evaluated[name] = task.eval_docs
+    docs.setdefault(study, []).extend(
+        (int(size), name, i) for i, size in enumerate(doc_sizes(evaluated[name])))
+  assert sorted(docs) == sorted(STUDY)
+  out = {}
+  for study, sized in docs.items():
+    sized.sort()
+    out[study] = [pair for _, name, i in {*sized[:CANDIDATES], *sized[-CANDIDATES:]}
+                  for pair in built_requests(leaves[name], name, i, evaluated[name][i])]
   return out
 
 
