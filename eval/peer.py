@@ -15,13 +15,16 @@ from dhara_jax.export.parity import load_torch_model
 
 
 def hflm(export_dir: str | Path, batch_size: int = 16, eos_prefix: bool = True,
-         dtype: str = "float32") -> Any:
+         dtype: str = "float32", head_dtype: str | None = None) -> Any:
   """HFLM over an exported run (on CPU, float32), with the export's own tokenizer. Documents
   follow EOS in our pipeline, so EOS (not HFLM's default BOS) prefixes an empty context, as
   in DharaLM for dhara's SentencePiece runs; `eos_prefix=False` leaves HFLM its own rule
   (BOS, else EOS), which DharaLM follows for Hugging Face tokenizers (eval.harness
   .prefix_token_id). `dtype="float64"`: a peer whose own rounding is negligible (HFLM's float32
-  log-softmax over a 49k-token vocabulary moves a long continuation's score by ~1e-3)."""
+  log-softmax over a 49k-token vocabulary moves a long continuation's score by ~1e-3);
+  `head_dtype="float64"` keeps the body in `dtype` and computes only the output head, so the
+  logits and HFLM's log-softmax, in float64 (that rounding gone at ~40% of a float64 peer's
+  time on CPU)."""
   import torch
   from lm_eval.models.huggingface import HFLM
   from transformers import AutoTokenizer
@@ -30,10 +33,29 @@ def hflm(export_dir: str | Path, batch_size: int = 16, eos_prefix: bool = True,
   # exactly where the stock backend strips spaces, and generate_until's text depends on it).
   torch_dtype = getattr(torch, dtype)
   model = load_torch_model(export_dir, dtype)
+  if head_dtype is not None:
+    _head_in(model, getattr(torch, head_dtype))
   tokenizer = AutoTokenizer.from_pretrained(export_dir, trust_remote_code=True)
   return HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device="cpu",
               prefix_token_id=tokenizer.eos_token_id if eos_prefix else None,
               dtype=torch_dtype)
+
+
+def _head_in(model: Any, dtype: Any) -> None:
+  """The model's output head computing in `dtype` (its weights kept, and still tied, in theirs:
+  HFLM moves the model to its own dtype, which would undo float64 weights)."""
+  import torch
+
+  class Head(torch.nn.Module):
+    def __init__(self, head: torch.nn.Linear):
+      super().__init__()
+      self.head = head
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+      bias = None if self.head.bias is None else self.head.bias.to(dtype)
+      return torch.nn.functional.linear(x.to(dtype), self.head.weight.to(dtype), bias)
+
+  model.set_output_embeddings(Head(model.get_output_embeddings()))
 
 
 class Timed(LM):
