@@ -132,8 +132,8 @@ class DharaCache:
       tail = x.new_zeros(x.shape[0], taps, x.shape[2])
     full = torch.cat([tail, x], dim=1)
     self.tails[layer] = full[:, commit:commit + taps]
-    ones = torch.ones(full.shape[:2], dtype=torch.long, device=x.device)
-    return causal_depthwise_conv(full, kernel, ones)[:, taps:]
+    # Each output's K inputs (a view, B×C'×C×K) against the taps: out[t] = Σ_j w[K-1-j] x[t-j].
+    return (full.unfold(1, taps + 1, 1) * kernel.t()).sum(-1)
 
   def reorder_cache(self, beam_idx):
     for store in (self.keys, self.values, self.tails):
@@ -149,6 +149,12 @@ class Context:
   def __init__(self, segment_ids, block_size=0, cache=None, commit=0, real=None):
     self.segment_ids, self.block_size = segment_ids, block_size
     self.cache, self.commit, self.real = cache, commit, real
+    self.angles = {}  # (head dim, theta) -> RoPE's (cos, sin), shared by the layers using it
+
+  def rope(self, positions, dim, theta):
+    if (dim, theta) not in self.angles:
+      self.angles[dim, theta] = rope_angles(positions, dim, theta)
+    return self.angles[dim, theta]
 
   def conv(self, layer, x, kernel):
     if self.cache is None:
@@ -212,12 +218,16 @@ def linear(in_features, out_features, config):
   return nn.Linear(in_features, out_features, bias=config.use_bias)
 
 
-def apply_rope(x, positions, theta):
-  """Rotate-half RoPE on x (B, L, H, K) in float32."""
-  dim = x.shape[-1]
-  inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float32, device=x.device) / dim))
+def rope_angles(positions, dim, theta):
+  """(cos, sin), each (B, L, 1, K/2) in float32: the rotation of every position."""
+  inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float32,
+                                           device=positions.device) / dim))
   angles = positions[..., None].float() * inv_freq
-  cos, sin = angles.cos()[:, :, None, :], angles.sin()[:, :, None, :]
+  return angles.cos()[:, :, None, :], angles.sin()[:, :, None, :]
+
+
+def apply_rope(x, cos, sin):
+  """Rotate-half RoPE on x (B, L, H, K) in float32."""
   x1, x2 = x.float().chunk(2, dim=-1)
   return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
 
@@ -254,7 +264,8 @@ class DharaAttention(nn.Module):
       k = k.reshape(batch, length, self.kv_heads, self.head_dim)
       v = v.reshape(batch, length, self.kv_heads, self.head_dim)
     if self.config.position == "rope":
-      q, k = apply_rope(q, positions, self.rope_theta), apply_rope(k, positions, self.rope_theta)
+      cos, sin = ctx.rope(positions, self.head_dim, self.rope_theta)
+      q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     k, v = ctx.keys_values(self, k, v)
     group = self.heads // self.kv_heads
     q = q.transpose(1, 2)                                   # B, H, L, K
