@@ -12,7 +12,7 @@ diffusion model's PyTorch block sampler (its exact block cache) at the block-cac
 schedules. No dataset, tokenizer or install needed; part of bench/gpu_check.sh.
 
   python bench/generate_speed.py [--config configs/runs/dhara_70m.yaml] [--batches 1,8,64]
-      [--new-tokens 100] [--prompt 16] [--block 20] [--torch] [key=value ...]
+      [--new-tokens 100] [--prompt 16] [--block 20] [--torch] [--torch-threads N] [key=value ...]
 """
 
 from __future__ import annotations
@@ -48,6 +48,8 @@ def main() -> None:
   parser.add_argument("--torch", action="store_true",
                       help="also time the exports' PyTorch generate(): AR (transformers', "
                       "KV-cached) and the block-diffusion sampler")
+  parser.add_argument("--torch-threads", type=int, default=0,
+                      help="torch's CPU threads (0: as many as JAX's CPU devices use)")
   parser.add_argument("overrides", nargs="*", help="section.key=value overrides")
   args = parser.parse_args()
   cfg = config.load(args.config, args.overrides).model
@@ -76,21 +78,22 @@ def main() -> None:
       print(f"{batch:>4} {f'block cache, {steps} steps':<26} {tps:>10,.0f} {steps:>9} "
             f"{new / steps:>8.1f} {tps / ar_tps:>7.2f}")
     if args.torch:  # last: torch's idle threads spin for a while after a call
-      call = torch_generate(ar_cfg, params, prompts, new, Phase("ar"))
+      call = torch_generate(ar_cfg, params, prompts, new, Phase("ar"), args.torch_threads)
       hf_tps = batch * new / _seconds(call, args.runs)
       print(f"{batch:>4} {'PyTorch generate(), AR':<26} {hf_tps:>10,.0f} {new:>9} {1:>8.1f} "
             f"{hf_tps / ar_tps:>7.2f}   ratio jax/transformers {ar_tps / hf_tps:.2f}x")
       for steps in schedules:
-        call = torch_generate(cfg, params, prompts, new, Phase("block", block), steps=steps,
-                              block_length=block)
+        call = torch_generate(cfg, params, prompts, new, Phase("block", block),
+                              args.torch_threads, steps=steps, block_length=block)
         tps = batch * new / _seconds(call, args.runs)
         print(f"{batch:>4} {f'PyTorch block, {steps} steps':<26} {tps:>10,.0f} {steps:>9} "
               f"{new / steps:>8.1f} {tps / ar_tps:>7.2f}")
 
 
-def torch_generate(cfg, params, prompts, new_tokens, phase, **sampler):
+def torch_generate(cfg, params, prompts, new_tokens, phase, threads=0, **sampler):
   """A call of the export's greedy PyTorch generate(), exactly `new_tokens` tokens, on `params`
-  exported as trained with `phase` (float32, as many threads as JAX's CPU devices use): AR,
+  exported as trained with `phase` (float32, on `threads` CPU threads, 0: as many as JAX's CPU
+  devices use): AR,
   transformers' generate() with its KV cache; block diffusion, the twin's block sampler with
   its exact block cache (`sampler`: its steps and block length)."""
   import os
@@ -101,7 +104,7 @@ def torch_generate(cfg, params, prompts, new_tokens, phase, **sampler):
   from dhara_jax.export import export_hf
   from dhara_jax.export.parity import load_torch_model
 
-  torch.set_num_threads(len(os.sched_getaffinity(0)))
+  torch.set_num_threads(threads or len(os.sched_getaffinity(0)))
   with tempfile.TemporaryDirectory() as tmp:
     model = load_torch_model(export_hf(cfg, jax.device_get(params), tmp, phase=phase))
   ids = torch.tensor(prompts)

@@ -132,7 +132,7 @@ class DharaCache:
       tail = x.new_zeros(x.shape[0], taps, x.shape[2])
     full = torch.cat([tail, x], dim=1)
     self.tails[layer] = full[:, commit:commit + taps]
-    # Each output's K inputs (a view, B×C'×C×K) against the taps: out[t] = Σ_j w[K-1-j] x[t-j].
+    # Each output's K inputs (a view, B×n×C×K) against the taps: out[t] = Σ_j w[K-1-j] x[t-j].
     return (full.unfold(1, taps + 1, 1) * kernel.t()).sum(-1)
 
   def reorder_cache(self, beam_idx):
