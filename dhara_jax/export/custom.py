@@ -72,7 +72,9 @@ def hf_architecture(phase: Phase) -> str:
   return "DharaForMaskedDiffusion" if phase.diffusion else "DharaForCausalLM"
 
 
-def config_json(cfg: ModelConfig, phase: Phase) -> dict:
+def config_json(cfg: ModelConfig, phase: Phase | None = None) -> dict:
+  """config.json of a custom-code export trained with `phase` (default: as `cfg` implies)."""
+  phase = phase or default_phase(cfg)
   fields = {name: getattr(cfg, name) for name in ARCH_FIELDS}  # mask_token_id, mask_epsilon too
   arch = hf_architecture(phase)
   if arch == "DharaForMaskedDiffusion" and cfg.mask_token_id < 0:
@@ -102,8 +104,9 @@ def config_from_json(hf: dict) -> ModelConfig:
 def phase_from_json(hf: dict, cfg: ModelConfig) -> Phase:
   """The phase config.json names (older exports name none: the one `cfg` implies), refused in
   one line when the model cannot be continued with it."""
-  objective = hf.get("objective", default_phase(cfg).objective)
-  block_size = hf.get("block_size", 0)
+  # null: a config saved by transformers from an export that named none
+  objective = hf.get("objective") or default_phase(cfg).objective
+  block_size = hf.get("block_size") or 0
   if objective not in OBJECTIVES:
     raise DharaError(f"import: config.json has objective {objective!r}, not one of "
                      f"{', '.join(OBJECTIVES)}")
@@ -115,9 +118,9 @@ def phase_from_json(hf: dict, cfg: ModelConfig) -> Phase:
   if wanted and cfg.attention != wanted:
     raise DharaError(f"import: config.json has objective {objective!r} with attention "
                      f"{cfg.attention!r}; a model trained so needs attention {wanted!r}")
-  if block_size and cfg.max_seq_len % block_size:
-    raise DharaError(f"import: config.json has block_size {block_size}, which does not divide "
-                     f"max_seq_len {cfg.max_seq_len}")
+  if block_size > cfg.max_seq_len:  # no row of the model's context holds one block
+    raise DharaError(f"import: config.json has block_size {block_size}, more than max_seq_len "
+                     f"{cfg.max_seq_len}")
   return Phase(objective, block_size)
 
 
