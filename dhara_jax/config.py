@@ -160,6 +160,8 @@ class MeshConfig:
 
 
 OBJECTIVES = ("ar", "mdm", "block")
+# The attention an objective needs (AR must not see ahead, mdm must; block runs its own mask).
+OBJECTIVE_ATTENTION = {"ar": "causal", "mdm": "bidirectional"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -288,7 +290,7 @@ class Config:
   def check_objective_fits_model(self) -> None:
     """Refuses an objective the model's attention contradicts: AR must not see ahead, mdm
     must. Not checked at load: model presets are loaded with the default (AR) train section."""
-    wanted = {"ar": "causal", "mdm": "bidirectional"}.get(self.train.objective)
+    wanted = OBJECTIVE_ATTENTION.get(self.train.objective)
     if wanted and self.model.attention != wanted:
       raise ConfigError(f"train.objective: {self.train.objective} needs model.attention="
                         f"{wanted}, got {self.model.attention}")

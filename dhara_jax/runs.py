@@ -21,7 +21,7 @@ from dhara_jax import config as config_lib
 from dhara_jax.checkpoint import Checkpointer
 from dhara_jax.config import Config, DataConfig, MeshConfig
 from dhara_jax.errors import DharaError
-from dhara_jax.export import import_hf, place
+from dhara_jax.export import import_hf, import_phase, place
 from dhara_jax.export.card import read_summary, write_model_card
 from dhara_jax.export.gguf import transformers_dir
 from dhara_jax.export.io import write_hf
@@ -148,7 +148,7 @@ def export_run(run_dir: Path, out: Path, step: int | None = None, code: str = "a
   summary = read_summary(summary_path)  # a damaged one fails before anything is written
   with open_run(run_dir) as run:
     cfg, step = run.cfg, run.step(step)
-    identity = place.record(run_dir, step, cfg.model, code)
+    identity = place.record(run_dir, step, cfg.model, code, run_phase(cfg))
     # Before the checkpoint is read.
     place.check_replaceable(out, identity, force, keep=(str(run.checkpoints.directory),))
     params = run.params(step)
@@ -164,7 +164,7 @@ def export_run(run_dir: Path, out: Path, step: int | None = None, code: str = "a
                 summary["step"], step)
   num_params = sum(int(np.size(x)) for x in jax.tree.leaves(params))
   with place.staged(out, identity) as folder:
-    write_hf(cfg.model, params, folder, code)
+    write_hf(cfg.model, params, folder, code, run_phase(cfg))  # config.json carries the phase
     if tokenizer is not None:
       write_tokenizer(tokenizer, folder, cfg.model.max_seq_len)
       write_token_ids(folder, tokenizer)
@@ -185,14 +185,18 @@ def _export_tokenizer(run: RunDir, step: int) -> Tokenizer | None:
 def import_into_run(source: Path, run_dir: Path, base: Config | None = None) -> Path:
   """A new run whose step-0 checkpoint holds the imported weights (fresh optimizer state) and
   the source's tokenizer (also copied into the run dir, which data.tokenizer then names);
-  `source` is a transformers directory or a GGUF file. `dhara train RUN_DIR/config.yaml
-  --run-dir RUN_DIR` continues from it."""
+  `source` is a transformers directory or a GGUF file. The run's train.objective and
+  block_size are the export's (config.json's phase): `dhara train RUN_DIR/config.yaml --run-dir
+  RUN_DIR` continues from it as it was trained, and generate / eval use its sampler."""
   with transformers_dir(source) as hf_dir:
+    phase = import_phase(hf_dir)
     model, params = import_hf(hf_dir)
     tokenizer = import_tokenizer(hf_dir, model)
   if base is None:  # default data settings, rows at most the imported model's context
-    base = Config(data=DataConfig(seq_len=min(DataConfig().seq_len, model.max_seq_len)))
-  cfg = dataclasses.replace(base, model=model, mesh=SINGLE_DEVICE)
+    seq_len = min(DataConfig().seq_len, model.max_seq_len)
+    base = Config(data=DataConfig(seq_len=seq_len - seq_len % max(phase.block_size, 1)))
+  train = dataclasses.replace(base.train, objective=phase.objective, block_size=phase.block_size)
+  cfg = dataclasses.replace(base, model=model, train=train, mesh=SINGLE_DEVICE)
   if tokenizer is not None:  # the run's own copy, whatever the base config named
     copy = Path(run_dir).resolve() / tokenizer.main_file
     cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, tokenizer=str(copy)))

@@ -5,8 +5,11 @@ The PyTorch twin mirrors the JAX parameter tree, so the mapping is derived from 
 (in, out), torch Linear weights (out, in)); norm scales and embedding tables become `weight`;
 Canon taps, short-conv taps and stacked MoE experts keep their JAX layout.
 
-Bidirectional (masked-diffusion) configs export as `DharaForMaskedDiffusion`, causal ones as
-`DharaForCausalLM`; both load with AutoModelForCausalLM, and AutoModel gives the bare decoder.
+Models trained with a diffusion objective (`mdm`, `block`) export as `DharaForMaskedDiffusion`,
+AR ones as `DharaForCausalLM`; both load with AutoModelForCausalLM, and AutoModel gives the bare
+decoder. config.json carries the phase the run was trained with last (`objective`, `block_size`):
+the twin runs the forward it names (block mode over [x_t ; x_0] for `block`), and an import
+restores it, so the imported run is the run that was exported.
 """
 
 from __future__ import annotations
@@ -18,10 +21,11 @@ from pathlib import Path
 
 from flax import traverse_util
 
-from dhara_jax.config import RUNTIME_FIELDS, ModelConfig
+from dhara_jax.config import OBJECTIVE_ATTENTION, OBJECTIVES, RUNTIME_FIELDS, ModelConfig
 from dhara_jax.errors import DharaError
 from dhara_jax.export.hf import Entry, linear, same
 from dhara_jax.model import param_shapes
+from dhara_jax.phases import Phase
 
 REMOTE_CODE = Path(__file__).parent / "remote_code"
 CODE_FILES = ("configuration_dhara.py", "modeling_dhara.py")
@@ -58,13 +62,21 @@ def entries(cfg: ModelConfig) -> list[Entry]:
   return out
 
 
-def hf_architecture(cfg: ModelConfig) -> str:
-  return "DharaForCausalLM" if cfg.attention == "causal" else "DharaForMaskedDiffusion"
+def default_phase(cfg: ModelConfig) -> Phase:
+  """The phase a bare model config implies (exports that carry none were written so): AR for
+  causal attention, full-sequence masked diffusion for bidirectional."""
+  return Phase("ar") if cfg.attention == "causal" else Phase("mdm")
 
 
-def config_json(cfg: ModelConfig) -> dict:
+def hf_architecture(phase: Phase) -> str:
+  return "DharaForMaskedDiffusion" if phase.diffusion else "DharaForCausalLM"
+
+
+def config_json(cfg: ModelConfig, phase: Phase | None = None) -> dict:
+  """config.json of a custom-code export trained with `phase` (default: as `cfg` implies)."""
+  phase = phase or default_phase(cfg)
   fields = {name: getattr(cfg, name) for name in ARCH_FIELDS}  # mask_token_id, mask_epsilon too
-  arch = hf_architecture(cfg)
+  arch = hf_architecture(phase)
   if arch == "DharaForMaskedDiffusion" and cfg.mask_token_id < 0:
     log.warning("exporting a diffusion model with mask_token_id -1 (the tokenizer's <mask>, "
                 "not resolved to an id): PyTorch users must find the mask token themselves")
@@ -73,6 +85,7 @@ def config_json(cfg: ModelConfig) -> dict:
                        "AutoModel": "modeling_dhara.DharaModel",
                        "AutoModelForCausalLM": f"modeling_dhara.{arch}"},
           "label_alignment": LABEL_ALIGNMENT,
+          "objective": phase.objective, "block_size": phase.block_size,
           "dhara_fields": list(ARCH_FIELDS), **fields,
           "tie_word_embeddings": cfg.tie_embeddings, "dtype": "float32",
           "bos_token_id": None, "eos_token_id": None, "pad_token_id": None}
@@ -86,6 +99,29 @@ def config_from_json(hf: dict) -> ModelConfig:
                      f"use {LABEL_ALIGNMENT!r} (logits at i predict the token at i + 1)")
   known = {f.name for f in dataclasses.fields(ModelConfig)}
   return ModelConfig(**{k: hf[k] for k in hf.get("dhara_fields", ()) if k in known})
+
+
+def phase_from_json(hf: dict, cfg: ModelConfig) -> Phase:
+  """The phase config.json names (older exports name none: the one `cfg` implies), refused in
+  one line when the model cannot be continued with it."""
+  # null: a config saved by transformers from an export that named none
+  objective = hf.get("objective") or default_phase(cfg).objective
+  block_size = hf.get("block_size") or 0
+  if objective not in OBJECTIVES:
+    raise DharaError(f"import: config.json has objective {objective!r}, not one of "
+                     f"{', '.join(OBJECTIVES)}")
+  if not isinstance(block_size, int) or block_size < 0 or (objective == "block") != (
+      block_size > 0):
+    raise DharaError(f"import: config.json has objective {objective!r} with block_size "
+                     f"{block_size!r}; the block objective needs a block size ≥ 1, the others 0")
+  wanted = OBJECTIVE_ATTENTION.get(objective)
+  if wanted and cfg.attention != wanted:
+    raise DharaError(f"import: config.json has objective {objective!r} with attention "
+                     f"{cfg.attention!r}; a model trained so needs attention {wanted!r}")
+  if block_size > cfg.max_seq_len:  # no row of the model's context holds one block
+    raise DharaError(f"import: config.json has block_size {block_size}, more than max_seq_len "
+                     f"{cfg.max_seq_len}")
+  return Phase(objective, block_size)
 
 
 def write_code(out_dir: Path) -> None:

@@ -16,20 +16,28 @@ from safetensors.numpy import save_file
 from dhara_jax.config import ModelConfig
 from dhara_jax.errors import DharaError
 from dhara_jax.export import custom, hf
+from dhara_jax.phases import Phase
 
 log = logging.getLogger(__name__)
 CODE_CHOICES = ("auto", "transformers", "custom")
 
 
-def uses_custom_code(cfg: ModelConfig, code: str = "auto") -> bool:
-  """Whether `cfg` exports with custom code. "auto" picks the family's transformers class when
-  it can express the config (raises nothing), custom code otherwise."""
+def uses_custom_code(cfg: ModelConfig, code: str = "auto", phase: Phase | None = None) -> bool:
+  """Whether `cfg` (trained with `phase`, default the one its attention implies) exports with
+  custom code. "auto" picks the family's transformers class when it can express the config
+  and the phase is AR (raises nothing), custom code otherwise."""
   if code not in CODE_CHOICES:
     raise DharaError(f"export: code {code!r} is not one of {', '.join(CODE_CHOICES)}")
+  phase = phase or custom.default_phase(cfg)
   if code != "auto":
     if code == "transformers":
       hf.family_spec(cfg)  # a one-line error naming what the class cannot express
+      if phase.diffusion:  # no transformers class has the diffusion forward and sampler
+        raise DharaError(f"export: a model trained with objective {phase.objective} needs "
+                         f"custom code (DharaForMaskedDiffusion), not code=transformers")
     return code == "custom"
+  if phase.diffusion:
+    return True
   try:
     hf.family_spec(cfg)
     return False
@@ -38,18 +46,22 @@ def uses_custom_code(cfg: ModelConfig, code: str = "auto") -> bool:
     return True
 
 
-def architecture(cfg: ModelConfig, code: str = "auto") -> str:
+def architecture(cfg: ModelConfig, code: str = "auto", phase: Phase | None = None) -> str:
   """The class config.json names (`architectures`), e.g. LlamaForCausalLM."""
-  if uses_custom_code(cfg, code):
-    return custom.hf_architecture(cfg)
+  phase = phase or custom.default_phase(cfg)
+  if uses_custom_code(cfg, code, phase):
+    return custom.hf_architecture(phase)
   return hf.family_spec(cfg).architecture
 
 
-def export_hf(cfg: ModelConfig, params: Any, out_dir: str | Path, code: str = "auto") -> Path:
+def export_hf(cfg: ModelConfig, params: Any, out_dir: str | Path, code: str = "auto",
+              phase: Phase | None = None) -> Path:
   """Writes a directory `AutoModelForCausalLM.from_pretrained` loads (with
-  `trust_remote_code=True` when custom code is used). torch is never imported here."""
+  `trust_remote_code=True` when custom code is used). `phase`: what the parameters were trained
+  with last (default: the phase the attention implies, AR or mdm); a diffusion one goes into
+  config.json. torch is never imported here."""
   out = Path(out_dir)
-  tensors, config = _contents(cfg, params, code)  # a config no class expresses: nothing made
+  tensors, config = _contents(cfg, params, code, phase)  # a config no class expresses: nothing
   try:
     out.mkdir(parents=True, exist_ok=True)
     _write(out, tensors, config)
@@ -58,15 +70,18 @@ def export_hf(cfg: ModelConfig, params: Any, out_dir: str | Path, code: str = "a
   return out
 
 
-def write_hf(cfg: ModelConfig, params: Any, folder: Path, code: str = "auto") -> None:
+def write_hf(cfg: ModelConfig, params: Any, folder: Path, code: str = "auto",
+             phase: Phase | None = None) -> None:
   """`export_hf`'s files into the existing `folder`; a failed write is an OSError, for the
   caller to name the place (`dhara export` writes into a temp folder)."""
-  _write(Path(folder), *_contents(cfg, params, code))
+  _write(Path(folder), *_contents(cfg, params, code, phase))
 
 
-def _contents(cfg: ModelConfig, params: Any, code: str) -> tuple[hf.Arrays, dict]:
-  if uses_custom_code(cfg, code):
-    return hf.apply_forward(custom.entries(cfg), params), custom.config_json(cfg)
+def _contents(cfg: ModelConfig, params: Any, code: str,
+              phase: Phase | None) -> tuple[hf.Arrays, dict]:
+  phase = phase or custom.default_phase(cfg)
+  if uses_custom_code(cfg, code, phase):
+    return hf.apply_forward(custom.entries(cfg), params), custom.config_json(cfg, phase)
   return hf.to_hf_state_dict(cfg, params), hf.hf_config(cfg)
 
 
@@ -94,10 +109,33 @@ def import_hf(hf_dir: str | Path) -> tuple[ModelConfig, dict]:
   tensor is checked against config.json before any is used: callers write nothing for a
   directory that does not describe one model exactly."""
   hf_dir = Path(hf_dir)
-  config_path, weights_path = hf_dir / "config.json", hf_dir / "model.safetensors"
-  for path in (config_path, weights_path):
-    if not path.is_file():
-      raise DharaError(f"import: {path} not found")
+  weights_path = hf_dir / "model.safetensors"
+  config, cfg = _read_config(hf_dir)
+  if not weights_path.is_file():
+    raise DharaError(f"import: {weights_path} not found")
+  custom_code = config.get("model_type") == "dhara"
+  if custom_code:
+    custom.phase_from_json(config, cfg)  # a run that cannot be continued is refused here too
+    entries, buffers = custom.entries(cfg), ()
+  else:
+    spec = hf.family_spec(cfg)
+    entries, buffers = spec.entries(cfg), spec.buffers
+  tensors = _read_weights(weights_path, cfg, entries, buffers)
+  return cfg, hf.apply_inverse(entries, tensors)
+
+
+def import_phase(hf_dir: str | Path) -> Phase:
+  """What the exported model was trained with last (config.json's `objective`, `block_size`;
+  AR for transformers-class checkpoints), or one line when its model cannot continue so."""
+  config, cfg = _read_config(Path(hf_dir))
+  return custom.phase_from_json(config, cfg) if config.get("model_type") == "dhara" else Phase()
+
+
+def _read_config(hf_dir: Path) -> tuple[dict, ModelConfig]:
+  """config.json as written, and the model config it describes."""
+  config_path = hf_dir / "config.json"
+  if not config_path.is_file():
+    raise DharaError(f"import: {config_path} not found")
   try:
     config = json.loads(config_path.read_text())
   except json.JSONDecodeError as e:
@@ -107,13 +145,7 @@ def import_hf(hf_dir: str | Path) -> tuple[ModelConfig, dict]:
     cfg = custom.config_from_json(config) if custom_code else hf.config_from_hf(config)
   except KeyError as e:  # a key the family's mapping reads (other transformers versions differ)
     raise DharaError(f"import: {config_path} has no {e.args[0]!r}") from None
-  if custom_code:
-    entries, buffers = custom.entries(cfg), ()
-  else:
-    spec = hf.family_spec(cfg)
-    entries, buffers = spec.entries(cfg), spec.buffers
-  tensors = _read_weights(weights_path, cfg, entries, buffers)
-  return cfg, hf.apply_inverse(entries, tensors)
+  return config, cfg
 
 
 def _read_weights(path: Path, cfg: ModelConfig, entries: list[hf.Entry],

@@ -20,6 +20,7 @@ from dhara_jax.config import ModelConfig
 from dhara_jax.errors import DharaError
 from dhara_jax.export.custom import ARCH_FIELDS
 from dhara_jax.export.io import architecture
+from dhara_jax.phases import Phase
 from dhara_jax.files import whole_folder
 
 RECORD = "dhara_export.json"
@@ -32,11 +33,13 @@ class Held:
   what: str
 
 
-def record(run_dir: str | Path, step: int, cfg: ModelConfig, code: str = "auto") -> dict:
-  """The identity of the export of checkpoint `step` of `run_dir` with `code`."""
+def record(run_dir: str | Path, step: int, cfg: ModelConfig, code: str = "auto",
+           phase: Phase | None = None) -> dict:
+  """The identity of the export of checkpoint `step` of `run_dir` (trained with `phase`) with
+  `code`."""
   model = {name: getattr(cfg, name) for name in ARCH_FIELDS}
   return {"run": str(Path(run_dir).resolve()), "step": step,
-          "architecture": architecture(cfg, code),
+          "architecture": architecture(cfg, code, phase),
           "model": json.loads(json.dumps(model))}  # as read back: tuples become lists
 
 
