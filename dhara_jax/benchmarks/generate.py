@@ -221,7 +221,8 @@ def run_bench(run_dir: str | Path, ar_run: str | Path | None = None,
 
 def _peer_jobs(B: int, G: int, prompts: list[list[int]], phase: Phase, eos: int) -> list[dict]:
   """The PyTorch peers at (B, G): transformers' generate() on the AR export, and the diffusion
-  export's generate at one token per step and at τ 0.9 (no cache on that side)."""
+  export's generate at one token per step and at τ 0.9 (its block KV cache for a block-trained
+  export, the full-sequence sampler for an mdm one)."""
   block = block_length_for(phase, G)
   jobs = [{"B": B, "G": G, "kind": "hf", "prompts": prompts}]
   for tau in (0.0, THRESHOLDS[0]):

@@ -78,6 +78,6 @@ def _new_token_rows(out: Any, prompt_len: int, eos: int) -> list[list[int]]:
 
 
 def _supports_kv_cache(model: Any) -> bool:
-  """Whether transformers' generate() can keep a KV cache for this model (our custom-code
-  class takes no past_key_values: it recomputes the whole sequence at every step)."""
+  """Whether transformers' generate() can keep a KV cache for this model (stock classes and
+  our custom-code AR class, Canon and conv state included, take past_key_values)."""
   return "past_key_values" in inspect.signature(model.forward).parameters
