@@ -81,3 +81,15 @@ def test_interleaved_seconds_reports_a_failing_side_in_one_line():
   broken = functools.partial(int, "not a number")  # the maker itself raises
   with pytest.raises(RuntimeError, match=r"^benchmark side 'broken' failed: ValueError: invalid"):
     interleaved_seconds({"ok": quick, "broken": broken}, steps=1, rounds=1)
+
+
+def test_the_stock_llama_peer_counts_as_kv_cached():
+  """transformers 5 names the forward's cache argument `cache` (4.x: `past_key_values`); a peer
+  labelled "no-cache" for a stock class would misreport what it was compared with."""
+  from transformers import LlamaConfig, LlamaForCausalLM
+
+  from dhara_jax.benchmarks.torch_peers import _supports_kv_cache
+
+  tiny = LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                     num_attention_heads=2, num_key_value_heads=1)
+  assert _supports_kv_cache(LlamaForCausalLM(tiny))

@@ -79,5 +79,7 @@ def _new_token_rows(out: Any, prompt_len: int, eos: int) -> list[list[int]]:
 
 def _supports_kv_cache(model: Any) -> bool:
   """Whether transformers' generate() can keep a KV cache for this model (stock classes and
-  our custom-code AR class, Canon and conv state included, take past_key_values)."""
-  return "past_key_values" in inspect.signature(model.forward).parameters
+  our custom-code AR class, Canon and conv state included, take one: `cache` since
+  transformers 5, `past_key_values` before)."""
+  taken = inspect.signature(model.forward).parameters
+  return "cache" in taken or "past_key_values" in taken
