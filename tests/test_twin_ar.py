@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from twin import FAMILIES, left_padded, loud_params, odd_config
+from twin import FAMILIES, PROMPTS, left_padded, loud_params, odd_config, one_torch_thread
 
 from dhara_jax.export import export_hf
 from dhara_jax.export.parity import load_torch_model
@@ -17,23 +17,19 @@ from dhara_jax.sampling.api import generate
 from dhara_jax.sampling.settings import Sampling
 
 TOL = 1e-4
-PROMPTS = [[17, 250, 9], [401, 5, 77, 300, 12], [8, 91, 516, 44, 2, 150, 33, 71, 99, 6, 480],
-           [260]]
 NEW = 20
 
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
-  threads = torch.get_num_threads()
-  torch.set_num_threads(1)  # tiny models: more threads only contend with JAX's
   out = {}
-  for family in FAMILIES:
-    cfg = odd_config(family, "ar")
-    params = loud_params(cfg, seed=len(out))
-    hf_dir = export_hf(cfg, params, tmp_path_factory.mktemp(family), code="custom")
-    out[family] = cfg, params, load_torch_model(hf_dir)
-  yield out
-  torch.set_num_threads(threads)
+  with one_torch_thread():
+    for family in FAMILIES:
+      cfg = odd_config(family, "ar")
+      params = loud_params(cfg, seed=len(out))
+      hf_dir = export_hf(cfg, params, tmp_path_factory.mktemp(family), code="custom")
+      out[family] = cfg, params, load_torch_model(hf_dir)
+    yield out
 
 
 def hf_generate(model, ids, mask, use_cache):

@@ -8,7 +8,8 @@ import json
 import numpy as np
 import pytest
 import torch
-from twin import BLOCK, FAMILIES, MASK, PHASES, left_padded, loud_params, odd_config
+from twin import (BLOCK, FAMILIES, MASK, PHASES, PROMPTS, left_padded, loud_params, odd_config,
+                  one_torch_thread)
 
 from dhara_jax.export import export_hf
 from dhara_jax.export.parity import load_torch_model
@@ -19,24 +20,20 @@ from dhara_jax.sampling.settings import Sampling
 TOL = 1e-4
 CASES = [(f, o) for f in FAMILIES for o in ("mdm", "block")]
 IDS = [f"{f}-{o}" for f, o in CASES]
-PROMPTS = [[17, 250, 9], [401, 5, 77, 300, 12], [8, 91, 516, 44, 2, 150, 33, 71, 99, 6, 480],
-           [260]]
 NEW = 24
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-  threads = torch.get_num_threads()
-  torch.set_num_threads(1)  # tiny models: more threads only contend with JAX's
   out = {}
-  for family, objective in CASES:
-    cfg = odd_config(family, objective)
-    params = loud_params(cfg, seed=len(out))
-    hf_dir = export_hf(cfg, params, tmp_path_factory.mktemp(f"{family}_{objective}"),
-                       phase=PHASES[objective])
-    out[family, objective] = cfg, params, hf_dir, load_torch_model(hf_dir)
-  yield out
-  torch.set_num_threads(threads)
+  with one_torch_thread():
+    for family, objective in CASES:
+      cfg = odd_config(family, objective)
+      params = loud_params(cfg, seed=len(out))
+      hf_dir = export_hf(cfg, params, tmp_path_factory.mktemp(f"{family}_{objective}"),
+                         phase=PHASES[objective])
+      out[family, objective] = cfg, params, hf_dir, load_torch_model(hf_dir)
+    yield out
 
 
 def noisy_batch(cfg):

@@ -6,8 +6,12 @@ with a window of 3, smaller than the block)."""
 
 from __future__ import annotations
 
+import contextlib
+from typing import Iterator
+
 import jax
 import numpy as np
+import torch
 
 from dhara_jax import config
 from dhara_jax.config import ModelConfig
@@ -27,6 +31,20 @@ FAMILIES = {
 DIFFUSION = ["model.attention=bidirectional", f"model.mask_token_id={MASK}",
              "model.mask_epsilon=0.002"]
 PHASES = {"ar": Phase("ar"), "mdm": Phase("mdm"), "block": Phase("block", BLOCK)}
+# A left-padded batch of mixed lengths (3, 5, 11 and 1 tokens).
+PROMPTS = [[17, 250, 9], [401, 5, 77, 300, 12], [8, 91, 516, 44, 2, 150, 33, 71, 99, 6, 480],
+           [260]]
+
+
+@contextlib.contextmanager
+def one_torch_thread() -> Iterator[None]:
+  """Tiny models: more torch threads only contend with JAX's."""
+  threads = torch.get_num_threads()
+  torch.set_num_threads(1)
+  try:
+    yield
+  finally:
+    torch.set_num_threads(threads)
 
 
 def odd_config(family: str, objective: str, *overrides: str) -> ModelConfig:
