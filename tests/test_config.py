@@ -113,12 +113,12 @@ def test_cli_bad_config_is_one_line_and_nonzero(tmp_path):
   for args in (["params", str(bad)], ["params", "llama3", "model.num_kv_heads=3"],
                ["params", str(tmp_path / "missing.yaml")]):
     proc = subprocess.run([sys.executable, "-m", "dhara_jax.cli", *args], capture_output=True,
-                          text=True)
+                          text=True, timeout=300)
     assert proc.returncode == 2, proc
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
   proc = subprocess.run([sys.executable, "-m", "dhara_jax.cli", "params", str(bad)],
-                        capture_output=True, text=True)
+                        capture_output=True, text=True, timeout=300)
   assert proc.stderr.strip() == "error: model.colour: unknown field"
 
 

@@ -206,13 +206,13 @@ def test_a_killed_conversion_resumes_across_stages_bit_for_bit(ar_run, tmp_path)
   args = lambda out: ["convert", str(ar_run), "--config", RECIPE, "--run-dir", str(out),
                       "--no-progress", *every]
   straight = subprocess.run([sys.executable, "-m", "dhara_jax.cli", *args(tmp_path / "s")],
-                            capture_output=True, text=True)
+                            capture_output=True, text=True, timeout=900)
   assert straight.returncode == 0, straight.stderr[-2000:]
   killed = tmp_path / "k"
   _run_until_killed(args(killed), killed, kill_after_step=2)
   _run_until_killed(args(killed), killed, kill_after_step=13)
   resumed = subprocess.run([sys.executable, "-m", "dhara_jax.cli", *args(killed)],
-                           capture_output=True, text=True)
+                           capture_output=True, text=True, timeout=900)
   assert resumed.returncode == 0, resumed.stderr[-2000:]
   rows = lambda d: [{k: v for k, v in r.items() if k != "tokens_per_second"}
                     for r in read_metrics(d)]

@@ -62,7 +62,7 @@ def test_flops_per_token_formula():
 
 def test_cli_params_json():
   out = subprocess.run([sys.executable, "-m", "dhara_jax.cli", "params", "shapes/gpt2_70m",
-                        "--json"], capture_output=True, text=True, check=True).stdout
+                        "--json"], capture_output=True, text=True, check=True, timeout=300).stdout
   counts = json.loads(out)
   for key in ("total", "embedding", "non_embedding", "per_layer", "layers"):
     assert key in counts
