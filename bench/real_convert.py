@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from dhara_jax.arg_types import positive_int  # noqa: E402
 from dhara_jax.benchmarks.generate import ar_run_of  # noqa: E402
 from dhara_jax.metrics import read_metrics  # noqa: E402
-from dhara_jax.quickstart import untrained_diffusion_loss  # noqa: E402
+from dhara_jax.quickstart import conversion_stages, untrained_diffusion_loss  # noqa: E402
 from dhara_jax.runs import open_run  # noqa: E402
 
 PROMPT = "The history of science is"
@@ -48,16 +48,11 @@ def losses(run_dir: Path) -> dict:
   last = evals[-1]
   with open_run(run_dir) as run:
     cfg = run.cfg
-  stages = []
-  for r in rows:
-    stage = f"{r['phase']}@{r['block_size']}" if "phase" in r else None
-    if stage and (not stages or stages[-1] != stage):
-      stages.append(stage)
   steps = [r for r in rows if "loss" in r]
   seconds = sum(cfg.data.batch_size * cfg.data.seq_len / r["tokens_per_second"] for r in steps
                 if r.get("tokens_per_second"))
   return {"steps": steps[-1]["step"], "tokens": steps[-1]["step"] * cfg.data.batch_size
-          * cfg.data.seq_len, "stages": stages, "step_seconds": seconds,
+          * cfg.data.seq_len, "stages": conversion_stages(rows), "step_seconds": seconds,
           "untrained": untrained_diffusion_loss(cfg, cfg.model.mask_token_id),
           "ar_parent": evals[0]["diffusion_loss"],
           "converted": last.get("averaged_diffusion_loss", last["diffusion_loss"]),

@@ -132,7 +132,7 @@ def run(out_dir: str | Path, config: str = CONFIG, overrides: tuple[str, ...] = 
   trained = [r for r in rows if "loss" in r]
   diffusion = {"untrained": untrained, "ar_model": conversion_rows[0]["diffusion_loss"],
                "converted": converted["diffusion_loss"],
-               "steps": converted["steps"], "stages": _stages(conversion_rows),
+               "steps": converted["steps"], "stages": conversion_stages(conversion_rows),
                "averaged_steps": conversion_rows[-1].get("averaged_steps", [])}
   summary = {
       "config": config, "model": dataclasses.asdict(cfg.model),
@@ -247,7 +247,7 @@ def untrained_diffusion_loss(cfg: config_lib.Config, mask_token_id: int) -> floa
   return loop.evaluate(step, params, batches, cfg.train.eval_batches)
 
 
-def _stages(rows: list[dict]) -> list[str]:
+def conversion_stages(rows: list[dict]) -> list[str]:
   """The conversion's stages in order, as `name@block_size`."""
   out = []
   for r in rows:
