@@ -21,7 +21,7 @@ from dhara_jax import config as config_lib
 from dhara_jax.checkpoint import Checkpointer
 from dhara_jax.config import Config, DataConfig, MeshConfig
 from dhara_jax.errors import DharaError
-from dhara_jax.export import import_hf, import_phase, place
+from dhara_jax.export import import_with_phase, place
 from dhara_jax.export.card import read_summary, write_model_card
 from dhara_jax.export.gguf import transformers_dir
 from dhara_jax.export.io import write_hf
@@ -189,8 +189,7 @@ def import_into_run(source: Path, run_dir: Path, base: Config | None = None) -> 
   block_size are the export's (config.json's phase): `dhara train RUN_DIR/config.yaml --run-dir
   RUN_DIR` continues from it as it was trained, and generate / eval use its sampler."""
   with transformers_dir(source) as hf_dir:
-    phase = import_phase(hf_dir)
-    model, params = import_hf(hf_dir)
+    model, params, phase = import_with_phase(hf_dir)
     tokenizer = import_tokenizer(hf_dir, model)
   if base is None:  # default data settings, rows at most the imported model's context
     seq_len = min(DataConfig().seq_len, model.max_seq_len)

@@ -108,27 +108,27 @@ def import_hf(hf_dir: str | Path) -> tuple[ModelConfig, dict]:
   """Reads a directory written by `export_hf` (or a compatible transformers checkpoint). Every
   tensor is checked against config.json before any is used: callers write nothing for a
   directory that does not describe one model exactly."""
+  cfg, params, _ = import_with_phase(hf_dir)
+  return cfg, params
+
+
+def import_with_phase(hf_dir: str | Path) -> tuple[ModelConfig, dict, Phase]:
+  """`import_hf`, and what the model was trained with last (config.json's `objective` and
+  `block_size`; AR for transformers-class checkpoints): one reading of config.json for both. A
+  phase the model cannot continue is refused in one line."""
   hf_dir = Path(hf_dir)
   weights_path = hf_dir / "model.safetensors"
   config, cfg = _read_config(hf_dir)
   if not weights_path.is_file():
     raise DharaError(f"import: {weights_path} not found")
-  custom_code = config.get("model_type") == "dhara"
-  if custom_code:
-    custom.phase_from_json(config, cfg)  # a run that cannot be continued is refused here too
+  if config.get("model_type") == "dhara":
+    phase = custom.phase_from_json(config, cfg)
     entries, buffers = custom.entries(cfg), ()
   else:
     spec = hf.family_spec(cfg)
-    entries, buffers = spec.entries(cfg), spec.buffers
+    phase, entries, buffers = Phase(), spec.entries(cfg), spec.buffers
   tensors = _read_weights(weights_path, cfg, entries, buffers)
-  return cfg, hf.apply_inverse(entries, tensors)
-
-
-def import_phase(hf_dir: str | Path) -> Phase:
-  """What the exported model was trained with last (config.json's `objective`, `block_size`;
-  AR for transformers-class checkpoints), or one line when its model cannot continue so."""
-  config, cfg = _read_config(Path(hf_dir))
-  return custom.phase_from_json(config, cfg) if config.get("model_type") == "dhara" else Phase()
+  return cfg, hf.apply_inverse(entries, tensors), phase
 
 
 def _read_config(hf_dir: Path) -> tuple[dict, ModelConfig]:
