@@ -20,7 +20,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from dhara_jax import objectives
 from dhara_jax.config import Config
-from dhara_jax.model import init_params, param_shardings
+from dhara_jax.model import init_params, param_shapes, param_shardings
 from dhara_jax.objectives import add_draws
 from dhara_jax.optim import learning_rate, optimizer
 from dhara_jax.phases import Phase, run_phase
@@ -35,8 +35,7 @@ def state_shardings(cfg: Config, mesh: Mesh, tx: optax.GradientTransformation) -
   """Shardings of the whole state: optimizer moments follow their parameters."""
   params = param_shardings(cfg.model, mesh)
   replicated = NamedSharding(mesh, PartitionSpec())
-  abstract_params = jax.eval_shape(lambda: init_params(cfg.model, jax.random.key(0)))
-  abstract_opt = jax.eval_shape(tx.init, abstract_params)
+  abstract_opt = jax.eval_shape(tx.init, param_shapes(cfg.model))
   opt = optax.tree_map_params(tx, lambda _, sharding: sharding, abstract_opt,
                               params, transform_non_params=lambda _: replicated,
                               is_leaf=lambda x: isinstance(x, NamedSharding))
@@ -44,14 +43,18 @@ def state_shardings(cfg: Config, mesh: Mesh, tx: optax.GradientTransformation) -
 
 
 def fresh_state(cfg: Config, tx: optax.GradientTransformation, key: jax.Array) -> State:
-  params = init_params(cfg.model, key)
+  return _state_of(init_params(cfg.model, key), tx, key)
+
+
+def _state_of(params: Any, tx: optax.GradientTransformation, key: jax.Array) -> State:
   return {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32),
           "rng": jax.random.key_data(jax.random.fold_in(key, 1))}  # a stream apart from init's
 
 
 def abstract_state(cfg: Config, tx: optax.GradientTransformation, shardings: State) -> State:
   """ShapeDtypeStructs of the state in `shardings`: the target of a restore on any mesh."""
-  shapes = jax.eval_shape(lambda: fresh_state(cfg, tx, jax.random.key(0)))
+  shapes = jax.eval_shape(lambda params: _state_of(params, tx, jax.random.key(0)),
+                          param_shapes(cfg.model))
   return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
                       shapes, shardings)
 
