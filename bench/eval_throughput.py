@@ -6,13 +6,16 @@ same --limit, the same CPUs, one after the other, each in a process of its own.
 Prints requests per second of each side per request type (time inside the model's
 loglikelihood / generate_until calls, as lm-eval issues them) and the ratio, for the first
 evaluation (JAX compiles its few programs there) and for a second one in the same process
-(warm). The scores of both sides are printed beside the speeds: they should agree
-(tests/test_eval_agreement.py checks it on a stock-class model).
+(warm). The scores of both sides are printed beside the speeds, with the number of documents
+whose score differs between the sides (tests/test_eval_agreement*.py check the agreement request
+by request; HFLM here is stock float32, whose log-softmax over a large vocabulary can move a
+near-tie).
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import os
 import sys
 import tempfile
@@ -22,7 +25,16 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
-def _side(name: str, run_dir: str, export_dir: str, args: argparse.Namespace) -> dict:
+def _per_document(results: dict) -> dict[tuple[str, int, str], dict[str, float]]:
+  """Each sample's numeric metrics, keyed by (task, document, filter)."""
+  return {(task, s["doc_id"], s.get("filter", "")):
+          {k: float(v) for k, v in s.items()
+           if k in ("acc", "acc_norm", "exact_match") and isinstance(v, (bool, int, float))}
+          for task, samples in results.get("samples", {}).items() for s in samples}
+
+
+def _side(name: str, run_dir: str, export_dir: str, eos_prefix: bool,
+          args: argparse.Namespace) -> dict:
   """One side's two evaluations: model seconds and requests per request type, and scores."""
   import lm_eval
 
@@ -39,7 +51,7 @@ def _side(name: str, run_dir: str, export_dir: str, args: argparse.Namespace) ->
     import torch
 
     torch.set_num_threads(os.cpu_count() or 1)
-    model = hflm(export_dir, batch_size=args.batch_size)
+    model = hflm(export_dir, batch_size=args.batch_size, eos_prefix=eos_prefix)
   passes = []
   for _ in range(2):
     timed = Timed(model)
@@ -51,7 +63,8 @@ def _side(name: str, run_dir: str, export_dir: str, args: argparse.Namespace) ->
     scores = {task: top[task].get(f"{row.metric},{row.filter}")
               for task, row in reported(results)}
     passes.append({"seconds": timed.seconds, "requests": timed.requests, "scores": scores,
-                   "wall": time.perf_counter() - started})
+                   "wall": time.perf_counter() - started,
+                   "documents": _per_document(results) if not passes else {}})
   return {"name": name, "passes": passes}
 
 
@@ -68,14 +81,18 @@ def main() -> int:
 
   from dhara_jax.benchmarks.timing import in_own_process
   from dhara_jax.runs import export_run, open_run
+  from eval.harness import prefix_token_id
 
   with open_run(args.run_dir) as run:
     diffusion = run.phase.diffusion
+    # HFLM prefixes an empty context as DharaLM does for this run's tokenizer (eval.harness).
+    tokenizer = run.tokenizer(run.step())
+    eos_prefix = prefix_token_id(tokenizer) == tokenizer.eos_id
   if diffusion:  # HFLM would score it as a causal LM
     sys.exit("error: HFLM has no diffusion likelihood; give an AR run")
   with tempfile.TemporaryDirectory() as tmp:
     export = str(export_run(Path(args.run_dir), Path(tmp) / "hf"))
-    sides = [in_own_process(_side, name, args.run_dir, export, args)
+    sides = [in_own_process(_side, name, args.run_dir, export, eos_prefix, args)
              for name in ("dhara", "hflm")]
   print(f"{args.tasks}, --limit {args.limit}, {args.gen_kwargs}; {os.cpu_count()} CPUs")
   for label, index in (("first evaluation (JAX compiles)", 0), ("second evaluation", 1)):
@@ -86,16 +103,23 @@ def main() -> int:
     for kind in sorted(ours["requests"]):
       n = ours["requests"][kind]
       mine, peer = n / ours["seconds"][kind], n / theirs["seconds"][kind]
-      print(f"  {kind:<22} {n:>9,} {mine:>12,.1f} {peer:>11,.1f} {mine / peer:>6.2f}×")
+      print(f"  {kind:<22} {n:>9,} {mine:>12,.2f} {peer:>11,.2f} {mine / peer:>6.2f}×")
     n = sum(ours["requests"].values())
     mine, peer = n / sum(ours["seconds"].values()), n / sum(theirs["seconds"].values())
-    print(f"  {'all':<22} {n:>9,} {mine:>12,.1f} {peer:>11,.1f} {mine / peer:>6.2f}×")
+    print(f"  {'all':<22} {n:>9,} {mine:>12,.2f} {peer:>11,.2f} {mine / peer:>6.2f}×")
     print(f"  wall (incl. lm-eval's own work): dhara {ours['wall']:.1f} s, "
           f"HFLM {theirs['wall']:.1f} s")
   print("\nscores (dhara / HFLM):")
   for task, value in sides[0]["passes"][0]["scores"].items():
     peer = sides[1]["passes"][0]["scores"].get(task)
     print(f"  {task:<16} {_pct(value)} / {_pct(peer)}")
+  ours, theirs = (s["passes"][0]["documents"] for s in sides)
+  differing = collections.Counter(
+      key[0] for key, metrics in ours.items() if key in theirs
+      and any(abs(v - theirs[key].get(k, v)) > 1e-3 for k, v in metrics.items()))
+  print(f"documents scored differently: {sum(differing.values())} of {len(ours)} "
+        f"({', '.join(f'{t} {n}' for t, n in sorted(differing.items())) or 'none'}); "
+        f"on one side only: {len(ours.keys() ^ theirs.keys())}")
   return 0
 
 
