@@ -179,12 +179,9 @@ def run(cfg: Config, run_dir: Path, data: Callable[[Config, Mesh], Data] = pipel
                          f"new --run-dir, or set data.tokenizer to the run's copy in {run_dir}")
       state = checkpoints.restore(latest, abstract_state(cfg, tx, shardings), data.train)
     else:
-      state = init_state(cfg, mesh, tx, shardings)
-      if initial_params is not None:  # read above, unless a checkpoint was seen then
-        state["params"] = (start_params if start_params is not None
-                           else initial_params(cfg, mesh))
-        state["opt_state"] = jax.jit(tx.init, out_shardings=shardings["opt_state"])(
-            state["params"])
+      if initial_params is not None and start_params is None:  # a checkpoint was seen above
+        start_params = initial_params(cfg, mesh)
+      state = init_state(cfg, mesh, tx, shardings, start_params)
       if jax.process_index() == 0:  # one writer on a shared run dir
         (run_dir / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
         if data.tokenizer is not None:

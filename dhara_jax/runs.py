@@ -29,7 +29,7 @@ from dhara_jax.export.tokenizer import import_tokenizer, write_token_ids, write_
 from dhara_jax.loop import prepare_run_dir
 from dhara_jax.phases import Phase, run_phase
 from dhara_jax.sharding import make_mesh
-from dhara_jax.train import abstract_state, build, fresh_state
+from dhara_jax.train import abstract_state, build, init_state
 
 log = logging.getLogger(__name__)
 SINGLE_DEVICE = MeshConfig(data=1, fsdp=1, tensor=1)
@@ -207,9 +207,7 @@ def import_into_run(source: Path, run_dir: Path, base: Config | None = None) -> 
     raise DharaError(f"import: {run_dir} already holds checkpoints; use an empty --run-dir")
   mesh = make_mesh(cfg.mesh, jax.devices()[:1])
   tx, shardings = build(cfg, mesh)
-  state = jax.device_put(fresh_state(cfg, tx, jax.random.key(cfg.train.seed)), shardings)
-  state["params"] = jax.device_put(params, shardings["params"])
-  state["opt_state"] = jax.device_put(tx.init(state["params"]), shardings["opt_state"])
+  state = init_state(cfg, mesh, tx, shardings, jax.device_put(params, shardings["params"]))
   resolved = config_lib.to_dict(cfg)
   (run_dir / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
   if tokenizer is not None:

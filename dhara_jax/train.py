@@ -51,6 +51,12 @@ def _state_of(params: Any, tx: optax.GradientTransformation, key: jax.Array) -> 
           "rng": jax.random.key_data(jax.random.fold_in(key, 1))}  # a stream apart from init's
 
 
+def _rest_of_state(tx: optax.GradientTransformation, params: Any, key: jax.Array) -> State:
+  state = _state_of(params, tx, key)
+  del state["params"]
+  return state
+
+
 def abstract_state(cfg: Config, tx: optax.GradientTransformation, shardings: State) -> State:
   """ShapeDtypeStructs of the state in `shardings`: the target of a restore on any mesh."""
   shapes = jax.eval_shape(lambda params: _state_of(params, tx, jax.random.key(0)),
@@ -59,12 +65,20 @@ def abstract_state(cfg: Config, tx: optax.GradientTransformation, shardings: Sta
                       shapes, shardings)
 
 
-def init_state(cfg: Config, mesh: Mesh, tx: optax.GradientTransformation,
-               shardings: State) -> State:
-  """Fresh state created directly in its shardings (no full copy on one device)."""
+def init_state(cfg: Config, mesh: Mesh, tx: optax.GradientTransformation, shardings: State,
+               params: Any | None = None) -> State:
+  """The state of step 0, created directly in its shardings (no full copy on one device): a
+  random init, or starting `params` already in their shardings (an import, a conversion's AR
+  weights) with the optimizer state, step and rng a random init would have. Given `params`, no
+  random init is made only to be thrown away: for SmolLM2's 135M parameters that init was a
+  20-second compile."""
+  key = jax.random.key(cfg.train.seed)
   with jax.set_mesh(mesh), axis_rules():
-    return jax.jit(functools.partial(fresh_state, cfg, tx), out_shardings=shardings)(
-        jax.random.key(cfg.train.seed))
+    if params is None:
+      return jax.jit(functools.partial(fresh_state, cfg, tx), out_shardings=shardings)(key)
+    rest = {name: sharding for name, sharding in shardings.items() if name != "params"}
+    return {"params": params,
+            **jax.jit(functools.partial(_rest_of_state, tx), out_shardings=rest)(params, key)}
 
 
 def loss_sum(cfg: Config, params: Any, batch: Batch, batch_shards: int = 1,
