@@ -81,6 +81,23 @@ def _step_losses(cfg, mesh_cfg, batches):
   return np.array(out)
 
 
+def test_a_state_from_given_weights_is_a_fresh_one_with_those_weights():
+  """A conversion or an import starts from weights: its optimizer state, step and rng are what a
+  random init's would be (no random init is made for them)."""
+  cfg = tiny_run()
+  mesh = make_mesh(MeshConfig(2, 2, 2), jax.devices())
+  tx, shardings = build(cfg, mesh)
+  fresh = init_state(cfg, mesh, tx, shardings)
+  weights = jax.tree.map(lambda x: x + 1, fresh["params"])
+  given = init_state(cfg, mesh, tx, shardings, weights)
+  assert given["params"] is weights
+  expected = {**fresh, "opt_state": tx.init(weights)}
+  for name in ("opt_state", "step", "rng"):
+    jax.tree.map(np.testing.assert_array_equal, given[name], expected[name])
+    assert (jax.tree.map(lambda x: x.sharding, given[name])
+            == jax.tree.map(lambda x: x.sharding, fresh[name]))
+
+
 def test_gradient_accumulation_equals_one_big_batch():
   rng = np.random.default_rng(0)
   batches = [{"tokens": rng.integers(0, 4096, (8, 32)).astype(np.int32),
