@@ -247,6 +247,8 @@ def _add_quickstart(sub: Commands) -> None:
   p = sub.add_parser("quickstart", help="small end-to-end run on the shipped data")
   p.add_argument("--out", default="runs/quickstart", help="output directory")
   p.add_argument("--config", default="configs/runs/quickstart.yaml")
+  p.add_argument("--eval-limit", type=positive_int,
+                 help="documents per task in step 7's evaluation of both models (default 20)")
   _add_overrides(p, "train.steps=50")
   p.set_defaults(func=_quickstart)
 
@@ -254,7 +256,8 @@ def _add_quickstart(sub: Commands) -> None:
 def _quickstart(args: argparse.Namespace) -> int:
   from dhara_jax import quickstart
 
-  summary = quickstart.run(args.out, args.config, tuple(args.overrides))
+  limit = {} if args.eval_limit is None else {"eval_limit": args.eval_limit}
+  summary = quickstart.run(args.out, args.config, tuple(args.overrides), **limit)
   print(f"summary: {args.out}/summary.json")
   if not summary["ok"]:
     raise DharaError(f"quickstart: {'; '.join(summary['failed'])} (see {args.out}/summary.json)")

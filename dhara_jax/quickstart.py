@@ -11,7 +11,8 @@
    exact block cache, tokens/s and speed-up with the quality proxy beside it (the AR model's
    perplexity of each output, its distinct-2-gram rate).
 7. Evaluate both on the study's 7 benchmarks through lm-evaluation-harness (`dhara eval`, the
-   shipped 100-example slices, --limit EVAL_LIMIT): scores, standard errors, chance floors.
+   shipped 100-example slices, --limit EVAL_LIMIT or `--eval-limit`): scores, standard errors,
+   chance floors.
 8. Write OUT/summary.json and OUT/loss_curve.png.
 
 Run again with the same OUT, it resumes (a finished run trains no further).
@@ -65,7 +66,7 @@ EVAL_GEN_KWARGS = "max_gen_toks=32"
 
 
 def run(out_dir: str | Path, config: str = CONFIG, overrides: tuple[str, ...] = (),
-        log=print) -> dict:
+        log=print, eval_limit: int = EVAL_LIMIT) -> dict:
   out = loop.prepare_run_dir(Path(out_dir))
   started = time.perf_counter()
   tokenizer_path = out / "tokenizer" / "quickstart.model"
@@ -121,11 +122,12 @@ def run(out_dir: str | Path, config: str = CONFIG, overrides: tuple[str, ...] = 
         f"distinct-2 {_fmt(row['distinct_2'], '.2f')}")
   log(f"    diffusion: {speed['diffusion_sample']!r}")
 
-  log(f"7/8 evaluation: the study's 7 benchmarks, --limit {EVAL_LIMIT} on the shipped slice")
+  log(f"7/8 evaluation: the study's 7 benchmarks, --limit {eval_limit} on the shipped slice")
   from eval.registry import task_manager
 
   tasks = task_manager(None)  # the shipped slices; built once for both runs
-  evaluation = {name: evaluate_run(out / name, tasks, log) for name in ("run", "diffusion")}
+  evaluation = {name: evaluate_run(out / name, tasks, log, eval_limit)
+                for name in ("run", "diffusion")}
 
   log("8/8 summary")
   curve = plot_run(out / "run", out / "loss_curve.png")
@@ -211,13 +213,13 @@ def generation_speed(ar_model: config_lib.ModelConfig, ar_params, model: config_
   return {"new_tokens": GENERATED, "rows": rows, "diffusion_sample": sample}
 
 
-def evaluate_run(run_dir: Path, tasks, log=print) -> dict:
-  """`dhara eval RUN_DIR --limit EVAL_LIMIT` (results stored in RUN_DIR/eval) with the task
+def evaluate_run(run_dir: Path, tasks, log=print, limit: int = EVAL_LIMIT) -> dict:
+  """`dhara eval RUN_DIR --limit LIMIT` (results stored in RUN_DIR/eval) with the task
   manager `tasks`, its table logged."""
   from eval.harness import Options
   from eval.report import evaluate, table
 
-  summary = evaluate(run_dir, limit=EVAL_LIMIT, gen_kwargs=EVAL_GEN_KWARGS,
+  summary = evaluate(run_dir, limit=limit, gen_kwargs=EVAL_GEN_KWARGS,
                      options=Options(mc_samples=EVAL_MC_SAMPLES, progress=False),
                      task_manager=tasks)
   for line in table(summary).splitlines():

@@ -4,15 +4,18 @@ import sys
 
 import pytest
 
+from dhara_jax import cli
 from dhara_jax.quickstart import PARITY_TOLERANCE, failed_checks
 
 
 @pytest.mark.slow
 def test_quickstart_cli_end_to_end(tmp_path):
-  """The README's main command (shortened to 80 steps): tokenizer, training with falling
-  held-out loss, a sample, export with PyTorch parity and a bit-exact import."""
+  """The README's main command, shortened (80 steps, a conversion of 45, 5 documents per task):
+  tokenizer, training with falling held-out loss, a sample, export with PyTorch parity and a
+  bit-exact import, the conversion through all its stages, generation, evaluation of both."""
   proc = subprocess.run([sys.executable, "-m", "dhara_jax.cli", "quickstart", "--out",
-                         str(tmp_path), "train.steps=80", "train.eval_every=40"],
+                         str(tmp_path), "--eval-limit", "5", "train.steps=80",
+                         "train.eval_every=40", "convert.tokens=92160"],
                         capture_output=True, text=True, timeout=1500)
   summary_path = tmp_path / "summary.json"
   written = summary_path.read_text() if summary_path.is_file() else "(no summary.json)"
@@ -34,7 +37,7 @@ def test_quickstart_cli_end_to_end(tmp_path):
   assert config["architectures"] == ["DharaForMaskedDiffusion"] and config["mask_token_id"] == 4
   for name, kind in (("run", "ar"), ("diffusion", "diffusion")):  # step 7: `dhara eval`
     evaluation = summary["evaluation"][name]
-    assert evaluation["kind"] == kind and evaluation["limit"] == 20
+    assert evaluation["kind"] == kind and evaluation["limit"] == 5
     assert [r["task"] for r in evaluation["tasks"]][-1] == "gsm8k"
     assert len(evaluation["tasks"]) == 7 and evaluation["average_7"] is not None
     assert (tmp_path / name / "eval" / "table.md").is_file()
@@ -48,6 +51,15 @@ def test_quickstart_unwritable_out_is_one_line(tmp_path):
   assert proc.returncode == 2
   assert proc.stderr.strip().startswith("error: train: run dir")
   assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_a_bad_eval_limit_is_one_line_and_writes_nothing(tmp_path, capsys):
+  with pytest.raises(SystemExit) as stop:  # argparse's usage error
+    cli.main(["quickstart", "--out", str(tmp_path / "out"), "--eval-limit", "0"])
+  assert stop.value.code == 2
+  err = capsys.readouterr().err.strip()
+  assert len(err.splitlines()) == 1 and "--eval-limit" in err and "positive integer" in err
+  assert not (tmp_path / "out").exists()
 
 
 def test_failed_checks_name_each_failure_with_its_numbers():
