@@ -256,8 +256,8 @@ def _add_quickstart(sub: Commands) -> None:
 def _quickstart(args: argparse.Namespace) -> int:
   from dhara_jax import quickstart
 
-  limit = {} if args.eval_limit is None else {"eval_limit": args.eval_limit}
-  summary = quickstart.run(args.out, args.config, tuple(args.overrides), **limit)
+  summary = quickstart.run(args.out, args.config, tuple(args.overrides),
+                           eval_limit=args.eval_limit or quickstart.EVAL_LIMIT)
   print(f"summary: {args.out}/summary.json")
   if not summary["ok"]:
     raise DharaError(f"quickstart: {'; '.join(summary['failed'])} (see {args.out}/summary.json)")

@@ -11,7 +11,7 @@
    exact block cache, tokens/s and speed-up with the quality proxy beside it (the AR model's
    perplexity of each output, its distinct-2-gram rate).
 7. Evaluate both on the study's 7 benchmarks through lm-evaluation-harness (`dhara eval`, the
-   shipped 100-example slices, --limit EVAL_LIMIT or `--eval-limit`): scores, standard errors,
+   shipped 100-example slices, `--eval-limit`, default EVAL_LIMIT): scores, standard errors,
    chance floors.
 8. Write OUT/summary.json and OUT/loss_curve.png.
 
